@@ -1,0 +1,199 @@
+"""Read a Qwen2-VL (or awaker) checkpoint directory without loading it: config, shard headers, and
+tensors one at a time. Every problem a user can cause is an AwakerError naming the file."""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..errors import AwakerError
+from .keys import to_hub
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    name: str  # the key as stored in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # start of its bytes within the file's data section (for sequential reads)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def resolve_path(path_or_id: str) -> Path:
+    """A local directory, or a hub id already in huggingface_hub's local cache (never downloads)."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise AwakerError(f"{path_or_id}: not a directory (give the model's directory, not a file)")
+    if path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path_or_id, local_files_only=True))
+        except Exception:
+            raise AwakerError(f"{path_or_id}: no such directory, and not a hub id in the local cache "
+                              "(download it first with `hf download`)")
+    raise AwakerError(f"{path_or_id}: no such directory")
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check that the file holds every byte it promises."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise AwakerError(f"{file}: not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise AwakerError(f"{file}: corrupt safetensors header (length {n})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AwakerError(f"{file}: corrupt safetensors header")
+    except OSError as e:
+        raise AwakerError(f"{file}: cannot read ({e.strerror})")
+    header.pop("__metadata__", None)
+    infos, data_size = {}, size - 8 - n
+    for name, h in header.items():
+        try:
+            dtype = _DTYPES[h["dtype"]]
+            start, end = h["data_offsets"]
+            shape = tuple(int(d) for d in h["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise AwakerError(f"{file}: corrupt safetensors header entry for {name!r}")
+        if end > data_size:
+            raise AwakerError(f"{file}: truncated ({name!r} ends at byte {end} of a {data_size}-byte data section)")
+        info = TensorInfo(file, name, dtype, shape, start)
+        if info.nbytes != end - start:
+            raise AwakerError(f"{file}: corrupt safetensors header ({name!r} size does not match its shape)")
+        infos[name] = info
+    return infos
+
+
+class Checkpoint:
+    """A checkpoint directory. Tensors are addressed by their hub key whatever layout the files use."""
+
+    def __init__(self, path_or_id: str | Path):
+        self.path = resolve_path(str(path_or_id))
+        self.config = self._read_config()
+        self.files = self._weight_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self.files:
+            for name, info in read_header(file).items():
+                self.tensors[to_hub(name)] = info
+        self._check_index()
+        self._open: tuple[Path, object] | None = None
+
+    def _read_config(self) -> dict:
+        path = self.path / "config.json"
+        if not path.is_file():
+            raise AwakerError(f"{self.path}: no config.json (not a Hugging Face model directory)")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise AwakerError(f"{path}: not valid JSON ({e})")
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise AwakerError(f"{path}: not a Qwen2-VL config (model_type {model_type!r}; "
+                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        return config
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AwakerError(f"{index}: not a valid safetensors index (needs a weight_map)")
+            files = []
+            for name in dict.fromkeys(self.weight_map.values()):
+                file = self.path / name
+                if not file.is_file():
+                    raise AwakerError(f"{index}: points to a missing shard {name}")
+                files.append(file)
+            return files
+        self.weight_map = None
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            return [single]
+        if list(self.path.glob("*.bin")):
+            raise AwakerError(f"{self.path}: only PyTorch .bin weights found; awaker reads safetensors "
+                              "(for the Awaker2.5-VL release file use `awaker convert`)")
+        raise AwakerError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+
+    def _check_index(self):
+        if self.weight_map is None:
+            return
+        for key, name in self.weight_map.items():
+            info = self.tensors.get(to_hub(key))
+            if info is None or info.file.name != name:
+                raise AwakerError(f"{self.path / INDEX_NAME}: lists {key!r} in {name}, which does not hold it")
+
+    # -- config helpers -------------------------------------------------------------------------------
+    @property
+    def text_config(self) -> dict:
+        """Text fields whether config.json is nested (transformers 5) or flat (the original releases)."""
+        return self.config.get("text_config") or self.config
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config["hidden_size"])
+
+    # -- tensors --------------------------------------------------------------------------------------
+    def ordered_keys(self) -> list[str]:
+        """Hub keys in on-disk order (file by file, by offset): the fastest order to stream them."""
+        order = {f: i for i, f in enumerate(self.files)}
+        return sorted(self.tensors, key=lambda k: (order[self.tensors[k].file], self.tensors[k].offset))
+
+    def get(self, key: str) -> torch.Tensor:
+        """One tensor, copied out of its file. Only one file stays mapped at a time, so streaming in
+        ordered_keys() order keeps resident memory to one shard's pages at most."""
+        info = self.tensors[key]
+        if self._open is None or self._open[0] != info.file:
+            self._open = (info.file, safe_open(str(info.file), framework="pt"))
+        return self._open[1].get_tensor(info.name)
+
+    def close(self):
+        self._open = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())

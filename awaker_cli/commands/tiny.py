@@ -1,0 +1,32 @@
+"""`awaker make-tiny OUT`: a tiny random Qwen2-VL checkpoint to try every command on, offline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..checkpoint import atomic_output_dir, parse_size
+from ..cli import app
+from ..errors import AwakerError
+from ..progress import stderr
+
+
+@app.command("make-tiny")
+def make_tiny(
+    out: Path = typer.Argument(..., help="Directory to write the tiny Qwen2-VL checkpoint to."),
+    layout: str = typer.Option("hub", help="Key layout: hub (model.layers.*, visual.*) or v5 "
+                                           "(transformers-5 names: model.language_model.*, model.visual.*)."),
+    max_shard_size: str = typer.Option("", help="Shard the weights (e.g. 200KB); default one file."),
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Write a tiny random Qwen2-VL (real transformers classes, tokenizer with Qwen's special tokens,
+    chat template, image processor). Its weights are random: use it to try the commands, not to chat."""
+    from ..tiny import build_tiny_base
+
+    if layout not in ("hub", "v5"):
+        raise AwakerError(f"--layout must be hub or v5, not {layout!r}")
+    shard = parse_size(max_shard_size) if max_shard_size else None
+    with atomic_output_dir(out, force) as tmp:
+        build_tiny_base(tmp, layout=layout, max_shard_size=shard, seed=seed)
+    stderr.print(f"[green]wrote[/] {out} (tiny random Qwen2-VL, {layout} layout)")

@@ -1,0 +1,82 @@
+"""`awaker upcycle BASE OUT`: dense Qwen2-VL -> LoRA-MoE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
+from ..cli import app, print_json
+from ..model.config import AwakerConfig
+from ..ops.upcycle import plan_upcycle, run_upcycle
+from ..progress import progress_bar, stderr
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+def upcycle(
+    base: str = typer.Argument(..., help="Dense Qwen2-VL directory (or a hub id already in the local cache)."),
+    out: Path = typer.Argument(..., help="Output directory for the awaker model (must not exist, or be empty)."),
+    experts: int = typer.Option(4, help="Routed LoRA experts per MoE linear."),
+    rank: int = typer.Option(256, help="LoRA rank of every adapter (experts, global expert, q/k/v)."),
+    alpha: float = typer.Option(512.0, help="LoRA alpha; the adapter output is scaled by alpha/rank."),
+    dropout: float = typer.Option(0.05, help="LoRA dropout used in training."),
+    top_k: int = typer.Option(1, "--top-k", help="Experts each sequence is routed to."),
+    global_expert: bool = typer.Option(True, "--global-expert/--no-global-expert",
+                                       help="Add the always-on global expert to every MoE linear."),
+    lora_targets: str = typer.Option("q_proj,k_proj,v_proj", help="Linears that get a plain LoRA (comma list)."),
+    moe_targets: str = typer.Option("o_proj,gate_proj,up_proj,down_proj",
+                                    help="Linears that get routed experts (comma list). up/down share gate's router."),
+    combine: str = typer.Option("release", help="release: p²·expert + (1−p)·global (as the public release); "
+                                                "convex: p·expert + (1−p)·global."),
+    seed: int = typer.Option(0, help="Seed for the adapters' random initialisation."),
+    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Turn a dense Qwen2-VL checkpoint into LoRA-MoE form.
+
+    The base tensors are copied bit for bit; q/k/v get a plain LoRA and o/gate/up/down get routed
+    experts plus a global expert, all with B = 0, so the new model computes exactly what the base does.
+    """
+    cfg = AwakerConfig(num_experts=experts, rank=rank, alpha=alpha, dropout=dropout, top_k=top_k,
+                       global_expert=global_expert, lora_targets=_names(lora_targets),
+                       moe_targets=_names(moe_targets), combine=combine).with_moe_targets_only_owners()
+    if not dry_run:
+        check_output_dir(out, force)  # fail before any work, not after the progress bar starts
+    plan = plan_upcycle(base, cfg, parse_size(max_shard_size))
+    if dry_run:
+        summary = plan.summary()
+        return print_json(summary) if json_out else _print_plan(summary)
+    total = plan.base_bytes + plan.adapter_bytes
+    with progress_bar("upcycle", total, enabled=not json_out) as advance:
+        result = run_upcycle(plan, out, force=force, seed=seed, progress=advance)
+    if json_out:
+        return print_json(result)
+    stderr.print(f"[green]wrote[/] {out} ({result['shards']} shard(s), "
+                 f"{result['adapter_params']:,} adapter parameters added)")
+
+
+def _print_plan(s: dict):
+    table = Table(title="upcycle plan (nothing written)", show_header=False)
+    c = s["awaker_config"]
+    rows = [
+        ("base", s["base"]),
+        ("base tensors", f"{s['base_tensors']:,} ({s['base_params']:,} parameters, {s['base_bytes']:,} bytes)"),
+        ("adapter tensors", f"{s['adapter_tensors']:,} ({s['adapter_params']:,} parameters, "
+                            f"{s['adapter_bytes']:,} bytes, {s['adapter_dtype']})"),
+        ("experts", f"{c['num_experts']} routed{' + global' if c['global_expert'] else ''}, top-{c['top_k']}, "
+                    f"rank {c['rank']}, alpha {c['alpha']:g}, combine {c['combine']}"),
+        ("LoRA targets", ", ".join(c["lora_targets"]) or "-"),
+        ("MoE targets", ", ".join(c["moe_targets"])),
+        ("shards", str(s["shards"])),
+        ("total", f"{s['total_bytes']:,} bytes"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    stderr.print(table)

@@ -1,0 +1,187 @@
+"""Build THE awaker model: transformers' Qwen2VLForConditionalGeneration with only the language model's
+target linears swapped for adapter layers, a bank of routers, and the hooks that route each sequence
+once from the mean of its prompt-span input embeddings (image features already substituted)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path, to_hub
+from ..checkpoint.reader import Checkpoint
+from ..errors import AwakerError
+from .config import AwakerConfig
+from .layers import LoRALinear, MoELoRALinear, RouterBank
+from .routing import RoutingState, SpanTokens, routing_spans, span_mean
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.language_model.layers
+
+
+def _linear_parent(layer: nn.Module, proj: str) -> nn.Module:
+    return layer.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+
+
+def attach_adapters(model, cfg: AwakerConfig, adapter_dtype: torch.dtype | None = None):
+    """Swap the target linears of `model` (in place) and attach routers, routing state and hooks.
+
+    Returns the same model object, now with `awaker_config`, `awaker_routers` and `awaker_state`.
+    """
+    if hasattr(model, "awaker_config"):
+        raise ValueError("adapters are already attached to this model")
+    cfg.validate()
+    layers = decoder_layers(model)
+    if cfg.num_layers != len(layers):
+        raise AwakerError(f"awaker config is for {cfg.num_layers} layers, the base model has {len(layers)}")
+    state = RoutingState()
+    for i, layer in enumerate(layers):
+        for proj in cfg.lora_targets:
+            parent = _linear_parent(layer, proj)
+            setattr(parent, proj, LoRALinear(getattr(parent, proj), cfg.rank, cfg.alpha, cfg.dropout,
+                                             dtype=adapter_dtype))
+        for proj in cfg.moe_targets:
+            parent = _linear_parent(layer, proj)
+            setattr(parent, proj, MoELoRALinear(
+                getattr(parent, proj), cfg.rank, cfg.alpha, cfg.num_experts, cfg.global_expert,
+                cfg.router_index(i, proj), state, cfg.dropout, dtype=adapter_dtype))
+    embed = model.get_input_embeddings().weight
+    model.awaker_routers = RouterBank(
+        cfg.num_routers, embed.shape[1], cfg.num_experts, eps=cfg.router_norm_eps,
+        temperature=cfg.router_temperature, top_k=cfg.top_k, noise_std=cfg.router_noise_std,
+        combine=cfg.combine, global_expert=cfg.global_expert, device=embed.device,
+        dtype=adapter_dtype or embed.dtype)
+    model.awaker_config = cfg
+    model.awaker_state = state
+    _install_routing_hooks(model)
+    return model
+
+
+def _span_tokens(model) -> SpanTokens:
+    ids = dict(model.awaker_config.span_token_ids)
+    ids.setdefault("vision_start", model.config.vision_start_token_id)
+    missing = {"im_start", "im_end"} - set(ids)
+    if missing:
+        raise AwakerError(f"awaker config lacks span_token_ids {sorted(missing)}")
+    return SpanTokens(ids["vision_start"], ids["im_start"], ids["im_end"])
+
+
+def _install_routing_hooks(model):
+    state: RoutingState = model.awaker_state
+    tokens = _span_tokens(model)
+    rule = model.awaker_config.routing_span
+
+    def capture_request(module, args, kwargs):
+        # A forward with an empty (or no) KV cache starts new sequences: route them. With a filled
+        # cache it continues them (decode): keep the routing of their prefill.
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            state._pending = None
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        state._pending = (input_ids, kwargs.get("attention_mask"))
+
+    def route_request(module, args, kwargs):
+        if state._pending is None or state.fixed is not None:
+            state._pending = None
+            return
+        input_ids, attention_mask = state._pending
+        state._pending = None
+        embeds = kwargs["inputs_embeds"]
+        spans = state.spans
+        if spans is None:
+            if input_ids is None:
+                raise AwakerError("routing needs input_ids (or explicit spans) to find the prompt span")
+            spans = routing_spans(input_ids, attention_mask, tokens, rule)
+        state.current = model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask))
+
+    model.register_forward_pre_hook(capture_request, with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(route_request, with_kwargs=True)
+
+
+def adapter_modules(model):
+    """(hub module path, layer) for every adapter linear."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for proj in (*model.awaker_config.lora_targets, *model.awaker_config.moe_targets):
+            yield lm_module_path(i, proj), getattr(_linear_parent(layer, proj), proj)
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """Adapter and router tensors under their checkpoint (hub) names."""
+    out = {}
+    for path, module in adapter_modules(model):
+        out[f"{path}.lora_A"] = module.lora_A
+        out[f"{path}.lora_B"] = module.lora_B
+    for name, p in model.awaker_routers.named_parameters():
+        out[ROUTER_PREFIX + name] = p
+    return out
+
+
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """Base tensors under their hub names (tied lm_head left out, as transformers does)."""
+    out = {}
+    for key, t in model.state_dict().items():
+        key = to_hub(key)
+        if is_adapter_key(key):
+            continue
+        if key == "lm_head.weight" and model.config.get_text_config().tie_word_embeddings:
+            continue
+        out[key] = t
+    return out
+
+
+def _silence_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_base(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+    """The plain Qwen2-VL model of a directory (either key layout; awaker tensors are ignored)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    ckpt = Checkpoint(path)  # validates config, shards and headers with clear errors first
+    _silence_transformers()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt.path, dtype=dtype or "auto",
+                                                            device_map=device)
+    return model.eval(), ckpt
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+    """An awaker directory -> the ready model (eval mode), adapters and routers loaded."""
+    ckpt = Checkpoint(path)
+    cfg = AwakerConfig.load(ckpt.path)
+    model, _ = load_base(ckpt.path, dtype, device)
+    attach_adapters(model, cfg)
+    load_adapter_tensors(model, ckpt)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_adapter_tensors(model, ckpt: Checkpoint):
+    """Copy every adapter/router tensor of the checkpoint into the model, strictly."""
+    params = adapter_state_dict(model)
+    stored = [k for k in ckpt.ordered_keys() if is_adapter_key(k)]
+    unknown = sorted(set(stored) - set(params))
+    missing = sorted(set(params) - set(stored))
+    if unknown or missing:
+        what = (f"unexpected {unknown[:3]}" if unknown else "") + (f" missing {missing[:3]}" if missing else "")
+        raise AwakerError(f"{ckpt.path}: adapter tensors do not match awaker_config.json:{what}")
+    for key in stored:
+        target = params[key]
+        tensor = ckpt.get(key)
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise AwakerError(f"{ckpt.path}: {key} has shape {tuple(tensor.shape)}, "
+                              f"awaker_config.json implies {tuple(target.shape)}")
+        target.copy_(tensor.to(target.dtype))
+    ckpt.close()
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every plain LoRA (q/k/v) into its base weight, for inference."""
+    for _, module in adapter_modules(model):
+        if isinstance(module, LoRALinear):
+            module.merge_()

@@ -1,0 +1,112 @@
+"""Instance-level routing: one vector per sequence (the mean input embedding over its prompt span),
+all routers evaluated on it once, and the result reused by every later forward of that sequence."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AwakerError
+
+
+@dataclass(frozen=True)
+class SpanTokens:
+    """Token ids the span rule looks for; read from the model's config and tokenizer, never hard-coded."""
+
+    vision_start: int
+    im_start: int
+    im_end: int
+
+
+def _nth(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Per row, the index of the n-th True of a [B, T] mask, or -1 where there are fewer."""
+    hit = mask & (mask.cumsum(1) == n)
+    return torch.where(hit.any(1), hit.int().argmax(1), -1)
+
+
+def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokens: SpanTokens,
+                  rule: str = "prompt") -> torch.Tensor:
+    """[B, 2] half-open spans [start, end) per DESIGN.md section 1.
+
+    prompt: start = first <|vision_start|> if the sample has an image, else 2nd <|im_start|> + 2;
+            end = 2nd <|im_end|>. A sample without that chat structure falls back to all its tokens.
+    all:    every non-padding token.
+    """
+    batch, length = input_ids.shape
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    first_valid = _nth(valid, 1).clamp(min=0)
+    last_valid = length - 1 - _nth(valid.flip(1), 1).clamp(min=0)
+    if rule == "all":
+        return torch.stack([first_valid, last_valid + 1], dim=1)
+    vision = _nth(input_ids == tokens.vision_start, 1)
+    user = _nth(input_ids == tokens.im_start, 2)
+    end = _nth(input_ids == tokens.im_end, 2)
+    start = torch.where(vision >= 0, vision, torch.where(user >= 0, user + 2, first_valid))
+    end = torch.where(end >= 0, end, last_valid + 1)
+    broken = end <= start
+    start = torch.where(broken, first_valid, start)
+    end = torch.where(broken, last_valid + 1, end)
+    return torch.stack([start, end], dim=1)
+
+
+def span_mean(embeds: torch.Tensor, spans: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of embeds [B, T, H] over each row's span (and its attention mask), summed in fp32."""
+    pos = torch.arange(embeds.shape[1], device=embeds.device)
+    mask = (pos[None] >= spans[:, :1]) & (pos[None] < spans[:, 1:])
+    if attention_mask is not None:
+        mask &= attention_mask.bool()
+    weights = mask.float()
+    total = torch.einsum("bth,bt->bh", embeds.float(), weights)
+    return (total / weights.sum(1, keepdim=True).clamp(min=1)).to(embeds.dtype)
+
+
+@dataclass
+class Routing:
+    """The routing of one batch: per sequence b and router r, the chosen experts and their weights.
+
+    expert_weights and global_weight already hold the combine mode (release: p², convex: p; the global
+    expert gets 1 − Σp), so layers and kernels only multiply.
+    """
+
+    expert_ids: torch.Tensor  # [B, R, k] int64
+    probs: torch.Tensor  # [B, R, k] fp32, the router probabilities of the chosen experts
+    expert_weights: torch.Tensor  # [B, R, k] fp32
+    global_weight: torch.Tensor | None  # [B, R] fp32, None without a global expert
+
+    @property
+    def batch_size(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @classmethod
+    def from_probs(cls, expert_ids, probs, combine: str, global_expert: bool) -> "Routing":
+        weights = probs * probs if combine == "release" else probs
+        global_weight = (1.0 - probs.sum(-1)) if global_expert else None
+        return cls(expert_ids, probs, weights, global_weight)
+
+    def select(self, rows: torch.Tensor) -> "Routing":
+        """The routing of a subset (or re-ordering) of the batch rows."""
+        gw = None if self.global_weight is None else self.global_weight[rows]
+        return Routing(self.expert_ids[rows], self.probs[rows], self.expert_weights[rows], gw)
+
+
+class RoutingState:
+    """Shared by every MoE layer of one model: the routing of the batch now in flight.
+
+    A forward that starts a sequence (no KV cache yet) computes a new routing; a forward that continues
+    one (decode) reuses it, so a generation is routed once, at prefill. `fixed` pins a routing
+    for every forward until cleared (baking, evaluation under a chosen routing).
+    """
+
+    def __init__(self):
+        self.current: Routing | None = None
+        self.fixed: Routing | None = None
+        self.spans: torch.Tensor | None = None  # explicit [B, 2] spans for the next prefill
+        self._pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def routing_for(self, batch: int) -> Routing:
+        routing = self.fixed or self.current
+        if routing is None:
+            raise AwakerError("no routing: a decode step ran before any prefill of this batch")
+        if routing.batch_size != batch:
+            raise AwakerError(f"routing was computed for {routing.batch_size} sequences, got {batch}")
+        return routing

@@ -1,0 +1,1 @@
+"""Library operations behind the commands; each works without the CLI."""

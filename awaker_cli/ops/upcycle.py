@@ -1,0 +1,161 @@
+"""Upcycle a dense Qwen2-VL checkpoint into LoRA-MoE form, streaming tensor by tensor.
+
+The base tensors are copied bit for bit; every LoRA B starts at zero, so the new model computes
+exactly what the base computes until it is trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (Checkpoint, ShardWriter, atomic_output_dir, check_output_dir, copy_processor_files,
+                          missing_processor_files, write_model_card)
+from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path
+from ..errors import AwakerError
+from ..model.config import CONFIG_NAME, AwakerConfig
+
+
+@dataclass
+class UpcyclePlan:
+    base: Checkpoint
+    config: AwakerConfig
+    adapters: dict[str, tuple[int, ...]]  # hub key -> shape, in writing order
+    dtype: torch.dtype
+    max_shard_size: int
+
+    @property
+    def base_bytes(self) -> int:
+        return self.base.total_bytes
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(math.prod(s) for s in self.adapters.values())
+
+    @property
+    def adapter_bytes(self) -> int:
+        return self.adapter_params * self.dtype.itemsize
+
+    def shard_estimate(self) -> int:
+        return max(1, math.ceil((self.base_bytes + self.adapter_bytes) / self.max_shard_size))
+
+    def summary(self) -> dict:
+        base_params = sum(i.numel for i in self.base.tensors.values())
+        return {
+            "base": str(self.base.path),
+            "base_tensors": len(self.base.tensors),
+            "base_params": base_params,
+            "base_bytes": self.base_bytes,
+            "adapter_tensors": len(self.adapters),
+            "adapter_params": self.adapter_params,
+            "adapter_bytes": self.adapter_bytes,
+            "adapter_dtype": str(self.dtype).removeprefix("torch."),
+            "shards": self.shard_estimate(),
+            "total_bytes": self.base_bytes + self.adapter_bytes,
+            "awaker_config": self.config.to_dict(),
+        }
+
+
+def _span_token_ids(base: Checkpoint) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    ids = {}
+    for name, token in (("im_start", "<|im_start|>"), ("im_end", "<|im_end|>")):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise AwakerError(f"{base.path}: the tokenizer has no {token} token (needed for the routing span)")
+        ids[name] = int(tid)
+    ids["vision_start"] = int(base.config["vision_start_token_id"])
+    return ids
+
+
+def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: int) -> UpcyclePlan:
+    """Check everything that can go wrong before a byte is written and list what would be written."""
+    base = Checkpoint(base_path)
+    if (base.path / CONFIG_NAME).exists() or any(is_adapter_key(k) for k in base.tensors):
+        raise AwakerError(f"{base.path}: already an awaker model (upcycle a dense Qwen2-VL checkpoint)")
+    missing = missing_processor_files(base.path)
+    if missing:
+        raise AwakerError(f"{base.path}: missing processor/tokenizer files: {', '.join(missing)}")
+    config = dataclasses.replace(config, num_layers=base.num_layers, base_model=str(base_path)).validate()
+    config = dataclasses.replace(config, span_token_ids=_span_token_ids(base))
+    adapters: dict[str, tuple[int, ...]] = {}
+    dtype = None
+    for layer in range(base.num_layers):
+        for proj in (*config.lora_targets, *config.moe_targets):
+            path = lm_module_path(layer, proj)
+            info = base.tensors.get(f"{path}.weight")
+            if info is None:
+                raise AwakerError(f"{base.path}: target module {proj} not found ({path}.weight is missing)")
+            dtype = dtype or info.dtype
+            out_features, in_features = info.shape
+            if proj in config.lora_targets:
+                adapters[f"{path}.lora_A"] = (config.rank, in_features)
+                adapters[f"{path}.lora_B"] = (out_features, config.rank)
+            else:
+                adapters[f"{path}.lora_A"] = (config.num_slots, config.rank, in_features)
+                adapters[f"{path}.lora_B"] = (config.num_slots, out_features, config.rank)
+    hidden, routers = base.hidden_size, config.num_routers
+    adapters[ROUTER_PREFIX + "norm_weight"] = (routers, hidden)
+    adapters[ROUTER_PREFIX + "gate_weight"] = (routers, config.num_experts, hidden)
+    adapters[ROUTER_PREFIX + "gate_bias"] = (routers, config.num_experts)
+    return UpcyclePlan(base, config, adapters, dtype or torch.bfloat16, max_shard_size)
+
+
+def _init_adapter(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
+                  hidden: int) -> torch.Tensor:
+    """Fresh adapter tensors: LoRA B zero, router norms one, LoRA A and router gates like a default
+    nn.Linear (uniform within 1/sqrt(fan_in)), as peft and the release initialise them."""
+    if key.endswith(".lora_B"):
+        return torch.zeros(shape, dtype=dtype)
+    if key == ROUTER_PREFIX + "norm_weight":
+        return torch.ones(shape, dtype=dtype)
+    fan_in = hidden if key == ROUTER_PREFIX + "gate_bias" else shape[-1]
+    t = torch.empty(shape, dtype=torch.float32)
+    t.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=gen)
+    return t.to(dtype)
+
+
+def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed: int = 0,
+                progress: Callable[[int], None] | None = None) -> dict:
+    """Write the upcycled model into `out` atomically. progress(n_bytes) is called per tensor."""
+    check_output_dir(Path(out), force)
+    gen = torch.Generator().manual_seed(seed)
+    base, hidden = plan.base, plan.base.hidden_size
+    with atomic_output_dir(out, force) as tmp:
+        writer = ShardWriter(tmp, plan.max_shard_size)
+        for key in base.ordered_keys():
+            tensor = base.get(key)
+            writer.add(key, tensor)
+            del tensor
+            if progress:
+                progress(base.tensors[key].nbytes)
+        base.close()
+        for key, shape in plan.adapters.items():
+            tensor = _init_adapter(key, shape, plan.dtype, gen, hidden)
+            writer.add(key, tensor)
+            if progress:
+                progress(tensor.numel() * tensor.element_size())
+        shards = writer.close()
+        shutil.copy2(base.path / "config.json", tmp / "config.json")
+        plan.config.save(tmp)
+        copied = copy_processor_files(base.path, tmp)
+        cfg = plan.config
+        write_model_card(tmp, "awaker LoRA-MoE model (freshly upcycled)", [
+            f"Made by `awaker upcycle` from `{cfg.base_model}` (base tensors copied bit for bit).",
+            f"{cfg.num_experts} routed LoRA experts{' + 1 global expert' if cfg.global_expert else ''} of rank "
+            f"{cfg.rank} (alpha {cfg.alpha:g}) on {', '.join(cfg.moe_targets)}; plain LoRA on "
+            f"{', '.join(cfg.lora_targets) or 'nothing'}.",
+            f"Routers: {cfg.num_routers} ({', '.join(cfg.router_names)} per layer), top-{cfg.top_k}, "
+            f"combine `{cfg.combine}`, routed once per sequence from the prompt span.",
+            "LoRA B is zero: this model computes exactly what its base computes until trained.",
+        ])
+    summary = plan.summary()
+    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]))
+    return summary

@@ -1,0 +1,26 @@
+"""Rich progress bars on stderr, so that --json output on stdout stays machine-readable."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+stderr = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, *, unit: str = "bytes",
+                 enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """Yield advance(n); unit 'bytes' shows sizes and speed, anything else a count."""
+    if not enabled:
+        yield lambda n: None
+        return
+    amount = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), *amount, TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny real Qwen2-VL checkpoints (both key layouts, sharded or not), built once."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from PIL import Image
+
+from awaker_cli.cli import run
+from awaker_cli.tiny import build_tiny_base
+
+SHARD = 200_000  # bytes: the tiny model (~750 kB) then spans several shards
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    variants = {
+        "hub": dict(layout="hub"),
+        "hub-sharded": dict(layout="hub", max_shard_size=SHARD),
+        "v5": dict(layout="v5"),
+        "v5-sharded": dict(layout="v5", max_shard_size=SHARD),
+        "flat-config": dict(layout="hub", flat_config=True),
+    }
+    return {name: build_tiny_base(root / name, **kw) for name, kw in variants.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_bases):
+    return tiny_bases["hub"]
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tiny_base, tmp_path_factory):
+    """A freshly upcycled tiny model (rank 8, 4 experts + global)."""
+    out = tmp_path_factory.mktemp("moe") / "moe"
+    assert run(["upcycle", str(tiny_base), str(out), "--rank", "8", "--alpha", "16", "--json"]) == 0
+    return out
+
+
+def solid(color, size=(84, 56)):
+    return Image.new("RGB", size, color)
+
+
+def chat_inputs(processor, prompts, images=None):
+    """Processor inputs for a batch of user prompts (optionally one image each), left-padded."""
+    texts = []
+    for i, prompt in enumerate(prompts):
+        content = ([{"type": "image"}] if images else []) + [{"type": "text", "text": prompt}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True))
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def randomize_adapters(model, seed=0, scale=0.3):
+    """Give every LoRA B and router a random non-zero value so adapters change the output."""
+    from awaker_cli.model import adapter_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    for key, p in adapter_state_dict(model).items():
+        if key.endswith("lora_B") or "gate" in key:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

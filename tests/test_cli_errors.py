@@ -1,0 +1,120 @@
+"""Bad input: one clear line on stderr, exit code 2, no traceback, nothing half-written."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from awaker_cli.cli import run
+
+
+def expect_error(capsys, argv, *fragments):
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for f in fragments:
+        assert f in err, err
+
+
+@pytest.fixture
+def base_copy(tiny_bases, tmp_path):
+    dst = tmp_path / "base"
+    shutil.copytree(tiny_bases["hub-sharded"], dst)
+    return dst
+
+
+def test_missing_path(capsys, tmp_path):
+    expect_error(capsys, ["upcycle", str(tmp_path / "nope"), str(tmp_path / "out")], "no such directory")
+    expect_error(capsys, ["info", str(tmp_path / "nope")], "no such directory")
+
+
+def test_not_a_qwen2_vl_config(capsys, base_copy, tmp_path):
+    cfg = json.loads((base_copy / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (base_copy / "config.json").write_text(json.dumps(cfg))
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "not a Qwen2-VL config", "llama")
+
+
+def test_corrupt_safetensors(capsys, base_copy, tmp_path):
+    shard = sorted(base_copy.glob("model-*.safetensors"))[0]
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"\0" * 64)
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "corrupt", shard.name)
+
+
+def test_truncated_safetensors(capsys, base_copy, tmp_path):
+    shard = sorted(base_copy.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    expect_error(capsys, ["info", str(base_copy)], "truncated", shard.name)
+
+
+def test_index_points_to_missing_shard(capsys, base_copy, tmp_path):
+    sorted(base_copy.glob("model-*.safetensors"))[2].unlink()
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "missing shard")
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--moe-targets", "o_proj,fc9"], "unknown target module 'fc9'"),
+    (["--experts", "0"], "experts must be at least 1"),
+    (["--rank", "0"], "rank must be at least 1"),
+    (["--experts", "2", "--top-k", "3"], "top-k must be between 1 and the number of experts (2)"),
+    (["--combine", "sum"], "combine must be one of"),
+    (["--max-shard-size", "lots"], "cannot read size"),
+])
+def test_bad_options(capsys, tiny_base, tmp_path, argv, fragment):
+    expect_error(capsys, ["upcycle", str(tiny_base), str(tmp_path / "out"), *argv], fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_exists_needs_force(capsys, tiny_base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    expect_error(capsys, ["upcycle", str(tiny_base), str(out), "--rank", "4"], "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--force", "--json"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "awaker_config.json").exists()
+
+
+def test_missing_processor_files(capsys, base_copy, tmp_path):
+    (base_copy / "tokenizer.json").unlink()
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "missing processor/tokenizer files",
+                 "tokenizer")
+
+
+def test_already_upcycled(capsys, tiny_moe, tmp_path):
+    expect_error(capsys, ["upcycle", str(tiny_moe), str(tmp_path / "out")], "already an awaker model")
+
+
+def test_interrupted_write_leaves_nothing(tiny_base, tmp_path, monkeypatch):
+    from awaker_cli.checkpoint import writer
+
+    calls = {"n": 0}
+    real_flush = writer.ShardWriter._flush
+
+    def dying_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
+        real_flush(self)
+
+    monkeypatch.setattr(writer.ShardWriter, "_flush", dying_flush)
+    out = tmp_path / "out"
+    assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--max-shard-size", "200KB"]) == 130
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "no temporary directory may be left behind"
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    assert run(["--debug", "info", str(tmp_path / "nope")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_for_every_command(capsys):
+    for command in ("upcycle", "info", "make-tiny"):
+        assert run([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Turn a dense Qwen2-VL checkpoint" in out

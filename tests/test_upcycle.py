@@ -1,0 +1,87 @@
+"""Upcycling: base tensors copied bit for bit from every layout, and the new model computes what the base does."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from awaker_cli.checkpoint import Checkpoint
+from awaker_cli.cli import run
+from awaker_cli.model import AwakerConfig, load_base, load_model
+
+from .conftest import chat_inputs, solid
+
+
+@pytest.mark.parametrize("variant", ["hub", "hub-sharded", "v5", "v5-sharded", "flat-config"])
+def test_base_tensors_bit_identical(tiny_bases, tmp_path, variant):
+    base_dir = tiny_bases[variant]
+    out = tmp_path / "moe"
+    assert run(["upcycle", str(base_dir), str(out), "--rank", "4", "--max-shard-size", "300KB", "--json"]) == 0
+    base, moe = Checkpoint(base_dir), Checkpoint(out)
+    assert set(base.tensors) <= set(moe.tensors)
+    for key in base.tensors:
+        a, b = base.get(key), moe.get(key)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    assert len(moe.files) > 1, "300KB shards should split the output"
+    assert (out / "config.json").read_bytes() == (base_dir / "config.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (base_dir / name).read_bytes()
+    cfg = AwakerConfig.load(out)
+    assert cfg.rank == 4 and cfg.num_layers == 2 and set(cfg.span_token_ids) == {"im_start", "im_end", "vision_start"}
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(moe.tensors)
+
+
+def test_index_written_in_hub_layout(tiny_bases, tmp_path):
+    out = tmp_path / "moe"
+    assert run(["upcycle", str(tiny_bases["v5-sharded"]), str(out), "--rank", "4", "--json"]) == 0
+    keys = Checkpoint(out).tensors
+    assert all(k.split(".")[0] in ("model", "visual", "lm_head", "awaker_routers") for k in keys)
+    assert not any(k.startswith("model.language_model") or k.startswith("model.visual") for k in keys)
+    raw = list(Checkpoint(out).tensors.values())[0].name
+    assert not raw.startswith("model.language_model")
+
+
+@pytest.fixture(scope="module")
+def base_and_moe(tiny_base, tiny_moe):
+    return load_base(tiny_base)[0], load_model(tiny_moe), AutoProcessor.from_pretrained(tiny_moe)
+
+
+@torch.no_grad()
+def test_upcycled_logits_equal_base_text(base_and_moe):
+    base, moe, processor = base_and_moe
+    inputs = chat_inputs(processor, ["what colour is the shape ?", "how many shapes are there in the picture ?"])
+    assert torch.equal(moe(**inputs).logits, base(**inputs).logits)
+
+
+@torch.no_grad()
+def test_upcycled_logits_equal_base_image(base_and_moe):
+    base, moe, processor = base_and_moe
+    inputs = chat_inputs(processor, ["what colour is the shape ?", "describe the image ."],
+                         images=[solid((200, 30, 30)), solid((20, 40, 220), size=(56, 112))])
+    assert "pixel_values" in inputs and "mm_token_type_ids" in inputs
+    assert torch.equal(moe(**inputs).logits, base(**inputs).logits)
+
+
+def test_dry_run_writes_nothing(tiny_base, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--dry-run", "--json"]) == 0
+    assert not out.exists()
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["adapter_params"] > 0 and plan["base_tensors"] == len(Checkpoint(tiny_base).tensors)
+    # 2 layers x (3 LoRA targets x 2 + 4 MoE targets x 2) + 3 router tensors
+    assert plan["adapter_tensors"] == 2 * (3 * 2 + 4 * 2) + 3
+
+
+def test_info_reports_parameters(tiny_moe, capsys):
+    assert run(["info", str(tiny_moe), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    cfg = AwakerConfig.load(tiny_moe)
+    p = info["parameters"]
+    assert info["kind"] == "awaker" and info["missing_files"] == []
+    assert p["total"] == sum(t.numel for t in Checkpoint(tiny_moe).tensors.values())
+    # top-1 + global = 2 of 5 slots of every MoE linear are active per token
+    assert p["active_per_token"] == p["total"] - p["moe_experts"] + p["moe_experts"] * 2 // cfg.num_slots
+    assert info["awaker"]["routers"] == 4
