@@ -85,3 +85,22 @@ def test_info_reports_parameters(tiny_moe, capsys):
     # top-1 + global = 2 of 5 slots of every MoE linear are active per token
     assert p["active_per_token"] == p["total"] - p["moe_experts"] + p["moe_experts"] * 2 // cfg.num_slots
     assert info["awaker"]["routers"] == 4
+
+
+def test_save_model_round_trip(tiny_moe, tmp_path):
+    """A loaded model with changed adapters saves and loads back to identical logits."""
+    from awaker_cli.model import save_model
+
+    from .conftest import randomize_adapters
+
+    model = load_model(tiny_moe)
+    randomize_adapters(model, seed=5)
+    out = save_model(model, tmp_path / "saved", tiny_moe, title="test")
+    again = load_model(out)
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = chat_inputs(processor, ["what colour is the shape ?"], images=[solid((1, 2, 3))])
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+    base = Checkpoint(tiny_moe)
+    saved = Checkpoint(out)
+    assert set(saved.tensors) == set(base.tensors)

@@ -125,7 +125,7 @@ def base_state_dict(model) -> dict[str, torch.Tensor]:
         key = to_hub(key)
         if is_adapter_key(key):
             continue
-        if key == "lm_head.weight" and model.config.get_text_config().tie_word_embeddings:
+        if key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False):
             continue
         out[key] = t
     return out

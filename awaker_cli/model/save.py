@@ -1,0 +1,48 @@
+"""Write a loaded awaker model back to disk: base tensors under hub names, adapters stacked, the
+processor files and config.json of the directory it came from, a model card. Atomic and sharded."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import DEFAULT_SHARD_SIZE, ShardWriter, atomic_output_dir, copy_processor_files, write_model_card
+from .build import adapter_state_dict, base_state_dict
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                  max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[str]:
+    """Stream `tensors` (hub names) into sharded safetensors inside `directory`, one at a time to CPU."""
+    writer = ShardWriter(directory, max_shard_size)
+    for key, t in tensors.items():
+        writer.add(key, t.detach().cpu())
+    return writer.close()
+
+
+def save_model(model, out: str | Path, source: str | Path, *, force: bool = False, title: str = "awaker model",
+               card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE, config_json: dict | None = None,
+               adapter_dtype: torch.dtype | None = None) -> Path:
+    """Save `model` (base + adapters + routers) to `out`.
+
+    source: the directory the model was loaded from (its config.json and processor files are copied).
+    config_json: a replacement config.json (e.g. with quantization_config); default the source's.
+    adapter_dtype: cast adapters/routers on the way out (default: as they are in memory).
+    """
+    source, out = Path(source), Path(out)
+    with atomic_output_dir(out, force) as tmp:
+        tensors = dict(base_state_dict(model))
+        adapters = adapter_state_dict(model) if hasattr(model, "awaker_config") else {}
+        for key, t in adapters.items():
+            tensors[key] = t.to(adapter_dtype) if adapter_dtype else t
+        write_tensors(tmp, tensors, max_shard_size)
+        if config_json is not None:
+            (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+        else:
+            shutil.copy2(source / "config.json", tmp / "config.json")
+        if adapters:
+            model.awaker_config.save(tmp)
+        copy_processor_files(source, tmp)
+        write_model_card(tmp, title, list(card))
+    return out
