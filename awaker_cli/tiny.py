@@ -97,8 +97,9 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, intermediate: int 
 def build_tiny_base(out: str | Path, *, layout: str = "hub", max_shard_size: int | None = None,
                     flat_config: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Write a tiny random Qwen2-VL checkpoint (weights, config, processor files) to `out`."""
-    from safetensors.torch import save_file
     from transformers import Qwen2VLForConditionalGeneration
+
+    from .model.save import write_tensors
     from transformers.utils import logging
 
     logging.disable_progress_bar()
@@ -114,40 +115,13 @@ def build_tiny_base(out: str | Path, *, layout: str = "hub", max_shard_size: int
         model.save_pretrained(out, max_shard_size=max_shard_size or "5GB")
     elif layout == "v5":
         config.save_pretrained(out)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if max_shard_size:
-            _save_sharded_v5(state, out, max_shard_size)
-        else:
-            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        write_tensors(out, model.state_dict(), max_shard_size or 5 * 1000**3)
     else:
         raise ValueError(f"unknown layout {layout!r}")
     processor.save_pretrained(out)
     if flat_config:
         _flatten_config(out / "config.json")
     return out
-
-
-def _save_sharded_v5(state: dict, out: Path, max_shard_size: int):
-    from safetensors.torch import save_file
-
-    shards, current, size = [], {}, 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if current and size + n > max_shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[k] = v
-        size += n
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def _flatten_config(path: Path):

@@ -93,15 +93,15 @@ def test_interrupted_write_leaves_nothing(tiny_base, tmp_path, monkeypatch):
     from awaker_cli.checkpoint import writer
 
     calls = {"n": 0}
-    real_flush = writer.ShardWriter._flush
+    real_write_shard = writer._write_shard
 
-    def dying_flush(self):
+    def dying_write_shard(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-write
-        real_flush(self)
+        real_write_shard(*args, **kwargs)
 
-    monkeypatch.setattr(writer.ShardWriter, "_flush", dying_flush)
+    monkeypatch.setattr(writer, "_write_shard", dying_write_shard)
     out = tmp_path / "out"
     assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--max-shard-size", "200KB"]) == 130
     assert not out.exists()
@@ -118,3 +118,8 @@ def test_help_for_every_command(capsys):
         assert run([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "Turn a dense Qwen2-VL checkpoint" in out
+
+
+def test_corrupt_tokenizer_config(capsys, base_copy, tmp_path):
+    (base_copy / "tokenizer_config.json").write_text("{ not json")
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "tokenizer_config.json", "not valid JSON")

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from awaker_cli.checkpoint import Checkpoint
@@ -25,6 +26,9 @@ def test_base_tensors_bit_identical(tiny_bases, tmp_path, variant):
         a, b = base.get(key), moe.get(key)
         assert a.dtype == b.dtype and torch.equal(a, b), key
     assert len(moe.files) > 1, "300KB shards should split the output"
+    for file in moe.files:  # the shards are standard safetensors, readable by the reference library
+        stored = load_file(file)
+        assert set(stored) == {i.name for i in moe.tensors.values() if i.file == file}
     assert (out / "config.json").read_bytes() == (base_dir / "config.json").read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (base_dir / name).read_bytes()

@@ -2,6 +2,8 @@
 verified, plus the model card. A missing file is an error, not a surprise at chat time."""
 from __future__ import annotations
 
+import filecmp
+import json
 import shutil
 from pathlib import Path
 
@@ -23,11 +25,9 @@ OPTIONAL = (
 
 def _present(directory: Path, name: str) -> bool:
     if ":" in name:  # a key inside a JSON file
-        import json
-
         file, key = name.split(":")
         path = directory / file
-        return path.is_file() and key in json.loads(path.read_text())
+        return path.is_file() and key in _read_json(path)
     return (directory / name).is_file()
 
 
@@ -41,27 +41,51 @@ def processor_files(directory: Path) -> list[str]:
     return sorted(n for n in names if (directory / n).is_file())
 
 
-def copy_processor_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer/processor/chat-template set and check that the copy loads as a processor."""
-    missing = missing_processor_files(src)
+def check_processor_files(directory: Path) -> list[str]:
+    """The processor file names of `directory`; an error if one is missing or is not valid JSON."""
+    missing = missing_processor_files(directory)
     if missing:
-        raise AwakerError(f"{src}: missing processor/tokenizer files: {', '.join(missing)}")
-    names = processor_files(src)
+        raise AwakerError(f"{directory}: missing processor/tokenizer files: {', '.join(missing)}")
+    names = processor_files(directory)
     for name in names:
-        shutil.copy2(src / name, dst / name)
-    verify_processor(dst)
+        if name.endswith(".json"):
+            _read_json(directory / name)  # a corrupt file: say so now, not at chat time
     return names
 
 
-def verify_processor(directory: Path):
-    from transformers import AutoProcessor
+def copy_processor_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer/processor/chat-template set, byte for byte, and check the copy."""
+    names = check_processor_files(src)
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+        if not filecmp.cmp(src / name, dst / name, shallow=False):
+            raise AwakerError(f"{dst / name}: copy differs from {src / name}")
+    return names
 
+
+def _read_json(path: Path) -> dict:
     try:
-        processor = AutoProcessor.from_pretrained(directory)
-    except Exception as e:  # transformers raises many types here; any of them means the set is unusable
-        raise AwakerError(f"{directory}: processor files do not load ({type(e).__name__}: {e})")
-    if not getattr(processor, "chat_template", None):
-        raise AwakerError(f"{directory}: the processor has no chat template")
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AwakerError(f"{path}: not valid JSON ({e})")
+
+
+def special_token_id(directory: Path, token: str) -> int:
+    """The id of a special token, read from the tokenizer files (no tokenizer is loaded)."""
+    tokenizer = directory / "tokenizer.json"
+    if tokenizer.is_file():
+        for added in _read_json(tokenizer).get("added_tokens", []):
+            if added.get("content") == token:
+                return int(added["id"])
+    config = directory / "tokenizer_config.json"
+    if config.is_file():
+        for tid, added in _read_json(config).get("added_tokens_decoder", {}).items():
+            if added.get("content") == token:
+                return int(tid)
+    vocab = directory / "vocab.json"
+    if vocab.is_file() and token in (v := _read_json(vocab)):
+        return int(v[token])
+    raise AwakerError(f"{directory}: the tokenizer has no {token} token")
 
 
 def write_model_card(directory: Path, title: str, lines: list[str]):

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import AwakerError
 from .keys import to_hub
@@ -17,7 +16,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -30,7 +29,7 @@ class TensorInfo:
     name: str  # the key as stored in the file
     dtype: torch.dtype
     shape: tuple[int, ...]
-    offset: int  # start of its bytes within the file's data section (for sequential reads)
+    offset: int  # absolute position of its first byte in the file
 
     @property
     def nbytes(self) -> int:
@@ -85,14 +84,14 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     infos, data_size = {}, size - 8 - n
     for name, h in header.items():
         try:
-            dtype = _DTYPES[h["dtype"]]
+            dtype = SAFETENSORS_DTYPES[h["dtype"]]
             start, end = h["data_offsets"]
             shape = tuple(int(d) for d in h["shape"])
         except (KeyError, TypeError, ValueError):
             raise AwakerError(f"{file}: corrupt safetensors header entry for {name!r}")
         if end > data_size:
             raise AwakerError(f"{file}: truncated ({name!r} ends at byte {end} of a {data_size}-byte data section)")
-        info = TensorInfo(file, name, dtype, shape, start)
+        info = TensorInfo(file, name, dtype, shape, 8 + n + start)
         if info.nbytes != end - start:
             raise AwakerError(f"{file}: corrupt safetensors header ({name!r} size does not match its shape)")
         infos[name] = info
@@ -111,7 +110,6 @@ class Checkpoint:
             for name, info in read_header(file).items():
                 self.tensors[to_hub(name)] = info
         self._check_index()
-        self._open: tuple[Path, object] | None = None
 
     def _read_config(self) -> dict:
         path = self.path / "config.json"
@@ -184,15 +182,17 @@ class Checkpoint:
         return sorted(self.tensors, key=lambda k: (order[self.tensors[k].file], self.tensors[k].offset))
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor, copied out of its file. Only one file stays mapped at a time, so streaming in
-        ordered_keys() order keeps resident memory to one shard's pages at most."""
+        """One tensor, read with a plain positioned read (no mmap), so streaming keys one at a time keeps
+        resident memory to the tensors the caller holds, whatever the size of the shard."""
         info = self.tensors[key]
-        if self._open is None or self._open[0] != info.file:
-            self._open = (info.file, safe_open(str(info.file), framework="pt"))
-        return self._open[1].get_tensor(info.name)
-
-    def close(self):
-        self._open = None
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(buf) != info.nbytes:
+                raise AwakerError(f"{info.file}: truncated while reading {info.name!r}")
+        if not buf:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     @property
     def total_bytes(self) -> int:

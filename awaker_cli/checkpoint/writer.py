@@ -1,21 +1,32 @@
 """Write checkpoints safely: sharded safetensors streamed tensor by tensor, inside a temporary sibling
-directory that is renamed into place only when everything is written."""
+directory that is renamed into place only when everything is written.
+
+Two ways in, one file format:
+- `write_checkpoint(dir, entries)`: every tensor is known up front (name, dtype, shape) and comes either
+  as a byte range of an existing safetensors file, copied inside the kernel (copy_file_range), or from
+  a function called when its turn comes. Memory stays at one tensor; upcycling copies like `cp`.
+- `ShardWriter.add(key, tensor)`: for tensors already in memory; buffers at most one shard.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..errors import AwakerError
-from .reader import INDEX_NAME, SINGLE_NAME
+from .reader import SAFETENSORS_DTYPES, INDEX_NAME, SINGLE_NAME, TensorInfo
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+_DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 def parse_size(text: str | int) -> int:
@@ -39,55 +50,151 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+@dataclass
+class Entry:
+    """One tensor to write: copied from `source` (a tensor in a safetensors file) or made by `make()`."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    source: TensorInfo | None = None
+    make: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, key: str, tensor: torch.Tensor) -> "Entry":
+        return cls(key, tensor.dtype, tuple(tensor.shape), make=lambda: tensor)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def _write_all(out, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:  # an unbuffered write may take less than asked (e.g. over 2 GB)
+        view = view[out.write(view):]
+
+
+def _copy_range(src: Path, offset: int, count: int, dst) -> None:
+    with open(src, "rb") as f:
+        fd_in, fd_out = f.fileno(), dst.fileno()
+        try:
+            while count:  # in-kernel copy: no bytes pass through Python
+                n = os.copy_file_range(fd_in, fd_out, count, offset)
+                if n == 0:
+                    raise AwakerError(f"{src}: ended early while copying")
+                offset, count = offset + n, count - n
+        except (AttributeError, OSError):
+            f.seek(offset)
+            dst.seek(0, os.SEEK_END)
+            while count:
+                chunk = f.read(min(count, 64 << 20))
+                if not chunk:
+                    raise AwakerError(f"{src}: ended early while copying")
+                _write_all(dst, chunk)
+                count -= len(chunk)
+
+
+def _write_shard(path: Path, entries: list[Entry], progress: Callable[[int], None] | None = None):
+    header, offset = {}, 0
+    for e in entries:
+        header[e.key] = {"dtype": _DTYPE_CODES[e.dtype], "shape": list(e.shape),
+                         "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors: data starts 8-byte aligned
+    with open(path, "wb", buffering=0) as out:  # unbuffered: in-kernel copies share the file position
+        _write_all(out, struct.pack("<Q", len(raw)) + raw)
+        for e in entries:
+            if e.source is not None:
+                _copy_range(e.source.file, e.source.offset, e.nbytes, out)
+            else:
+                t = e.make()
+                if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
+                    raise ValueError(f"{e.key}: made {t.dtype} {tuple(t.shape)}, planned {e.dtype} {e.shape}")
+                _write_all(out, _tensor_bytes(t))
+            if progress:
+                progress(e.nbytes)
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _write_index(directory: Path, shards: list[list[Entry]], names: list[str]):
+    if len(names) == 1:
+        return
+    weight_map = {e.key: name for name, group in zip(names, shards) for e in group}
+    total = sum(e.nbytes for group in shards for e in group)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_checkpoint(directory: Path, entries: Iterable[Entry], max_shard_size: int = DEFAULT_SHARD_SIZE,
+                     progress: Callable[[int], None] | None = None) -> list[str]:
+    """Write `entries` in order into shards of at most max_shard_size bytes (a bigger tensor gets a
+    shard of its own) plus the index; returns the shard file names."""
+    shards: list[list[Entry]] = [[]]
+    size, seen = 0, set()
+    for e in entries:
+        if e.key in seen:
+            raise ValueError(f"duplicate tensor {e.key}")
+        seen.add(e.key)
+        if shards[-1] and size + e.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    names = _shard_names(len(shards))
+    for name, group in zip(names, shards):
+        _write_shard(Path(directory) / name, group, progress)
+    _write_index(Path(directory), shards, names)
+    return names
+
+
 class ShardWriter:
-    """Buffers tensors up to max_shard_size bytes, then writes a shard; peak memory is one shard."""
+    """Tensors already in memory, added one by one: a shard is written whenever the next tensor would
+    overflow it, so at most one shard's worth is held. Final names are given in close()."""
 
     def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE):
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer: list[Entry] = []
         self._buffer_bytes = 0
-        self._shards: list[list[str]] = []  # keys per written shard, in order
+        self._shards: list[list[Entry]] = []
         self._seen: set[str] = set()
-        self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor):
         if key in self._seen:
             raise ValueError(f"duplicate tensor {key}")
         self._seen.add(key)
-        n = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + n > self.max_shard_size:
+        entry = Entry.of(key, tensor)
+        if self._buffer and self._buffer_bytes + entry.nbytes > self.max_shard_size:
             self._flush()
-        self._buffer[key] = tensor.contiguous()
-        self._buffer_bytes += n
-        self.total_bytes += n
+        self._buffer.append(entry)
+        self._buffer_bytes += entry.nbytes
 
     def _flush(self):
-        name = self._temp_name(len(self._shards))
-        save_file(self._buffer, str(self.directory / name), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
-
-    @staticmethod
-    def _temp_name(i: int) -> str:
-        return f"shard-{i:05d}.partial"
+        _write_shard(self.directory / f"shard-{len(self._shards):05d}.partial", self._buffer)
+        self._shards.append([Entry(e.key, e.dtype, e.shape) for e in self._buffer])  # drop the tensors
+        self._buffer, self._buffer_bytes = [], 0
 
     def close(self) -> list[str]:
         """Write the last shard, give shards their final names and write the index (if sharded)."""
         if self._buffer or not self._shards:
             self._flush()
-        count = len(self._shards)
-        if count == 1:
-            os.replace(self.directory / self._temp_name(0), self.directory / SINGLE_NAME)
-            return [SINGLE_NAME]
-        names, weight_map = [], {}
-        for i, keys in enumerate(self._shards):
-            name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(self.directory / self._temp_name(i), self.directory / name)
-            names.append(name)
-            weight_map.update({k: name for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        names = _shard_names(len(self._shards))
+        for i, name in enumerate(names):
+            os.replace(self.directory / f"shard-{i:05d}.partial", self.directory / name)
+        _write_index(self.directory, self._shards, names)
         return names
 
 

@@ -82,8 +82,10 @@ def _install_routing_hooks(model):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         state._pending = (input_ids, kwargs.get("attention_mask"))
 
+    no_routers = model.awaker_config.num_routers == 0  # plain LoRA on every target (training stage I)
+
     def route_request(module, args, kwargs):
-        if state._pending is None or state.fixed is not None:
+        if no_routers or state._pending is None or state.fixed is not None:
             state._pending = None
             return
         input_ids, attention_mask = state._pending
@@ -176,7 +178,6 @@ def load_adapter_tensors(model, ckpt: Checkpoint):
             raise AwakerError(f"{ckpt.path}: {key} has shape {tuple(tensor.shape)}, "
                               f"awaker_config.json implies {tuple(target.shape)}")
         target.copy_(tensor.to(target.dtype))
-    ckpt.close()
 
 
 @torch.no_grad()

@@ -8,17 +8,15 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, ShardWriter, atomic_output_dir, copy_processor_files, write_model_card
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Entry, atomic_output_dir, copy_processor_files, write_checkpoint,
+                          write_model_card)
 from .build import adapter_state_dict, base_state_dict
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
                   max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[str]:
-    """Stream `tensors` (hub names) into sharded safetensors inside `directory`, one at a time to CPU."""
-    writer = ShardWriter(directory, max_shard_size)
-    for key, t in tensors.items():
-        writer.add(key, t.detach().cpu())
-    return writer.close()
+    """Write `tensors` (names as given) into sharded safetensors inside `directory`, one at a time."""
+    return write_checkpoint(Path(directory), [Entry.of(k, t) for k, t in tensors.items()], max_shard_size)
 
 
 def save_model(model, out: str | Path, source: str | Path, *, force: bool = False, title: str = "awaker model",

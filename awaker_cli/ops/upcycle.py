@@ -6,6 +6,7 @@ exactly what the base computes until it is trained.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 from collections.abc import Callable
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (Checkpoint, ShardWriter, atomic_output_dir, check_output_dir, copy_processor_files,
-                          missing_processor_files, write_model_card)
+from ..checkpoint import (Checkpoint, Entry, atomic_output_dir, check_output_dir, check_processor_files,
+                          copy_processor_files, special_token_id, write_checkpoint, write_model_card)
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, AwakerConfig
@@ -62,17 +63,10 @@ class UpcyclePlan:
 
 
 def _span_token_ids(base: Checkpoint) -> dict[str, int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
-    ids = {}
-    for name, token in (("im_start", "<|im_start|>"), ("im_end", "<|im_end|>")):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise AwakerError(f"{base.path}: the tokenizer has no {token} token (needed for the routing span)")
-        ids[name] = int(tid)
-    ids["vision_start"] = int(base.config["vision_start_token_id"])
-    return ids
+    """The tokens the routing span rule looks for, from this checkpoint's own config and tokenizer."""
+    return {"im_start": special_token_id(base.path, "<|im_start|>"),
+            "im_end": special_token_id(base.path, "<|im_end|>"),
+            "vision_start": int(base.config["vision_start_token_id"])}
 
 
 def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: int) -> UpcyclePlan:
@@ -80,9 +74,7 @@ def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: in
     base = Checkpoint(base_path)
     if (base.path / CONFIG_NAME).exists() or any(is_adapter_key(k) for k in base.tensors):
         raise AwakerError(f"{base.path}: already an awaker model (upcycle a dense Qwen2-VL checkpoint)")
-    missing = missing_processor_files(base.path)
-    if missing:
-        raise AwakerError(f"{base.path}: missing processor/tokenizer files: {', '.join(missing)}")
+    check_processor_files(base.path)
     config = dataclasses.replace(config, num_layers=base.num_layers, base_model=str(base_path)).validate()
     config = dataclasses.replace(config, span_token_ids=_span_token_ids(base))
     adapters: dict[str, tuple[int, ...]] = {}
@@ -128,21 +120,12 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
     check_output_dir(Path(out), force)
     gen = torch.Generator().manual_seed(seed)
     base, hidden = plan.base, plan.base.hidden_size
+    entries = [Entry(key, base.tensors[key].dtype, base.tensors[key].shape, source=base.tensors[key])
+               for key in base.ordered_keys()]
+    entries += [Entry(key, plan.dtype, shape, make=functools.partial(_init_adapter, key, shape, plan.dtype, gen, hidden))
+                for key, shape in plan.adapters.items()]
     with atomic_output_dir(out, force) as tmp:
-        writer = ShardWriter(tmp, plan.max_shard_size)
-        for key in base.ordered_keys():
-            tensor = base.get(key)
-            writer.add(key, tensor)
-            del tensor
-            if progress:
-                progress(base.tensors[key].nbytes)
-        base.close()
-        for key, shape in plan.adapters.items():
-            tensor = _init_adapter(key, shape, plan.dtype, gen, hidden)
-            writer.add(key, tensor)
-            if progress:
-                progress(tensor.numel() * tensor.element_size())
-        shards = writer.close()
+        shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
         plan.config.save(tmp)
         copied = copy_processor_files(base.path, tmp)
