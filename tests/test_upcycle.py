@@ -108,3 +108,23 @@ def test_save_model_round_trip(tiny_moe, tmp_path):
     base = Checkpoint(tiny_moe)
     saved = Checkpoint(out)
     assert set(saved.tensors) == set(base.tensors)
+
+
+def test_hub_id_resolved_from_local_cache(tiny_base, tmp_path, monkeypatch, capsys):
+    """`awaker upcycle org/name OUT` finds a model already in huggingface_hub's cache, offline."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--acme--tiny-vl" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_base, snapshot)
+    (cache / "models--acme--tiny-vl" / "refs").mkdir()
+    (cache / "models--acme--tiny-vl" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    out = tmp_path / "moe"
+    assert run(["upcycle", "acme/tiny-vl", str(out), "--rank", "4", "--json"]) == 0
+    assert Checkpoint(out).tensors
+    capsys.readouterr()
+    assert run(["info", "acme/not-cached"]) == 2
+    assert "not a hub id in the local cache" in capsys.readouterr().err
