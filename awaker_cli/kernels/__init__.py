@@ -40,7 +40,8 @@ def lora_moe(base_out, x, lora_A, lora_B, expert_ids, expert_weights, global_wei
     plan: optional, `make_plans(expert_ids_all_routers, lora_A.shape[0])[r]` for the router r that
     chose expert_ids ([B] int32, the sequences grouped by expert). Compute the plans once per routing
     (per batch) and reuse them in every layer and decode step; they only speed up the Triton path
-    (the torch reference ignores them) and never change the result.
+    (the torch reference ignores them) and never change the result. A plan indexes the batch's
+    sequences: recompute it when the batch changes (e.g. after Routing.select).
     With Triton and no gradient needed, the delta is added into base_out in place (when contiguous)
     and base_out is returned: do not rely on base_out keeping its value.
     """

@@ -2,7 +2,7 @@
 all routers evaluated on it once, and the result reused by every later forward of that sequence."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,6 +72,16 @@ class Routing:
     probs: torch.Tensor  # [B, R, k] fp32, the router probabilities of the chosen experts
     expert_weights: torch.Tensor  # [B, R, k] fp32
     global_weight: torch.Tensor | None  # [B, R] fp32, None without a global expert
+    _plans: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def plans(self, num_slots: int) -> torch.Tensor:
+        """Sequences grouped by expert, per router, for the Triton kernels: computed once per routing
+        (so once per batch, not per layer or decode step)."""
+        if self._plans is None:
+            from ..kernels import make_plans
+
+            self._plans = make_plans(self.expert_ids, num_slots)
+        return self._plans
 
     @property
     def batch_size(self) -> int:
