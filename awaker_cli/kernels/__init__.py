@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from ..errors import AwakerError
 from .lora_moe_ref import lora_moe_ref
 from .plan import make_plans
 from .routing_ref import routing_ref
@@ -22,7 +23,7 @@ def backend_for(t: torch.Tensor) -> str:
     if forced in ("torch", "triton"):
         return forced
     if forced:
-        raise ValueError(f"AWAKER_KERNELS must be 'torch' or 'triton', not {forced!r}")
+        raise AwakerError(f"AWAKER_KERNELS must be 'torch' or 'triton', not {forced!r}")
     return "triton" if t.is_cuda and _triton_available() else "torch"
 
 
