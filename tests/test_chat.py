@@ -1,0 +1,135 @@
+"""`awaker chat`: one-shot answers, the interactive session driven through stdin, and bad input."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from awaker_cli.cli import run
+from awaker_cli.generate import ChatSession, SamplingParams, interactive, load_engine
+
+from .conftest import solid
+
+NEW = ["--max-new-tokens", "5", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()  # see test_generate.py: tiny kernels on a shared machine
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_moe):
+    return load_engine(str(tiny_moe))
+
+
+@pytest.fixture(scope="module")
+def red(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "red.png"
+    solid((220, 20, 20)).save(path)
+    return path
+
+
+def answer(engine, messages, n=5):
+    return engine.generate([messages], SamplingParams(max_new_tokens=n))[0]
+
+
+def user(text, image=None):
+    parts = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
+    return {"role": "user", "content": parts}
+
+
+def test_one_shot_json_with_image(tiny_moe, engine, red, capsys):
+    assert run(["chat", str(tiny_moe), "-p", "what colour is it ?", "--image", str(red), "--json", *NEW]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = answer(engine, [user("what colour is it ?", red)])
+    assert out["tokens"] == want.tokens and out["text"] == want.text
+    assert out["prompt_tokens"] == want.prompt_tokens and out["new_tokens"] == len(want.tokens)
+    assert set(out["timings"]) == {"time_to_first_token_s", "decode_s", "tokens_per_s"}
+    groups = out["routing"]["groups"]
+    assert [g["router"] for g in groups] == ["o_proj", "gate_proj"]
+    assert groups[1]["drives"] == ["gate_proj", "up_proj", "down_proj"]
+    reported = torch.tensor([[entry["experts"] for entry in g["per_layer"]] for g in groups])  # [groups, layers, k]
+    used = want.routing.expert_ids[0].view(-1, len(groups), 1).transpose(0, 1)  # routers are layer-major
+    assert torch.equal(reported, used)
+
+
+def test_one_shot_text_and_routing_summary(tiny_moe, engine, capsys):
+    assert run(["chat", str(tiny_moe), "-p", "hello", "--show-routing", *NEW]) == 0
+    out, err = capsys.readouterr()
+    assert out == answer(engine, [user("hello")]).text + "\n"
+    assert "prompt tokens" in err and "tok/s" in err
+    assert "o_proj router: expert" in err and "gate_proj router (also up_proj, down_proj): expert" in err
+
+
+def test_dense_model_chats_without_routing(tiny_base, capsys):
+    assert run(["chat", str(tiny_base), "-p", "hello", "--json", *NEW]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["routing"] is None and len(out["tokens"]) == 5
+
+
+def test_interactive_session_through_stdin(tiny_moe, engine, red, capsys, monkeypatch):
+    script = (f"hello\n/image {red}\nwhat is it ?\n/routing\n/image /no/such.png\n/reset\n"
+              "hello\n/quit\nnever read\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert run(["chat", str(tiny_moe), *NEW]) == 0
+    out, err = capsys.readouterr()
+    first = answer(engine, [user("hello")]).text
+    second = answer(engine, [user("hello"), {"role": "assistant", "content": first}, user("what is it ?", red)]).text
+    assert out == f"{first}\n{second}\n{first}\n"  # multi-turn history, the image, then a fresh start
+    assert "o_proj router: expert" in err and "(conversation cleared)" in err
+    assert "error: /no/such.png: no such image file" in err
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(engine):
+    session = ChatSession(engine, params=SamplingParams(max_new_tokens=40, ignore_eos=True))
+    lines = iter(["hello", "hello", "/quit"])
+    written, notes = [], []
+
+    def write(piece):
+        if not written:  # Ctrl-C during the first answer
+            written.append(piece)
+            raise KeyboardInterrupt
+        written.append(piece)
+
+    interactive(session, read_line=lambda: next(lines), write=write, info=notes.append)
+    assert any("stopped" in n for n in notes)
+    partial, full = session.history[1]["content"], session.history[3]["content"]
+    assert len(session.history) == 4 and session.last.finish_reason == "length"
+    assert partial.startswith(written[0]) and len(partial) < len(full)
+
+
+def _strip_processor_files(src, dst):
+    shutil.copytree(src, dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json"):
+        (dst / name).unlink(missing_ok=True)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["missing image", "unreadable image", "no processor files", "prompt too long",
+                                  "json without prompt", "bad sampling"])
+def test_bad_input_is_one_line_and_exit_2(case, tiny_moe, tmp_path, capsys):
+    model, extra = str(tiny_moe), ["-p", "hi"]
+    if case == "missing image":
+        extra += ["--image", str(tmp_path / "nope.png")]
+    elif case == "unreadable image":
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+        extra += ["--image", str(tmp_path / "broken.png")]
+    elif case == "no processor files":
+        model = str(_strip_processor_files(tiny_moe, tmp_path / "model"))
+    elif case == "prompt too long":
+        extra = ["-p", "0 1 2 3 4 5 6 7 8 9 " * 300]
+    elif case == "json without prompt":
+        extra = ["--json"]
+    elif case == "bad sampling":
+        extra += ["--top-p", "0"]
+    assert run(["chat", model, *extra, *NEW]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
