@@ -67,3 +67,41 @@ def randomize_adapters(model, seed=0, scale=0.3):
     for key, p in adapter_state_dict(model).items():
         if key.endswith("lora_B") or "gate" in key:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(scope="session")
+def random_moe(tiny_moe, tmp_path_factory):
+    """tiny_moe saved with random non-zero adapters and routers (seed 5): outputs and routes differ by input."""
+    from awaker_cli.model import load_model, save_model
+
+    model = load_model(tiny_moe)
+    randomize_adapters(model, seed=5, scale=0.3)
+    out = tmp_path_factory.mktemp("random_moe") / "model"
+    save_model(model, out, tiny_moe)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tmp_path_factory):
+    """A 12-record data file in the training format (messages, images, task), images beside it."""
+    import json
+
+    root = tmp_path_factory.mktemp("records")
+    (root / "img").mkdir()
+    colors = {"red": (200, 30, 30), "green": (20, 200, 40), "blue": (30, 40, 220), "white": (250, 250, 250),
+              "black": (10, 10, 10), "yellow": (230, 220, 20)}
+    lines = []
+    for i, (name, rgb) in enumerate(list(colors.items()) * 2):
+        size = (84, 56) if i % 2 else (56, 112)
+        solid(rgb, size).save(root / "img" / f"{i}.png")
+        if i % 4 == 3:  # some text-only records too
+            record = {"messages": [{"role": "user", "content": f"what is {i} plus one ?"},
+                                   {"role": "assistant", "content": str(i + 1)}], "task": "count"}
+        else:
+            record = {"messages": [{"role": "user", "content": "<image>what colour is the shape ?"},
+                                   {"role": "assistant", "content": name}],
+                      "images": [f"img/{i}.png"], "task": "color"}
+        lines.append(json.dumps(record))
+    path = root / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

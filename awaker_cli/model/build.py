@@ -35,6 +35,8 @@ def attach_adapters(model, cfg: AwakerConfig, adapter_dtype: torch.dtype | None 
     layers = decoder_layers(model)
     if cfg.num_layers != len(layers):
         raise AwakerError(f"awaker config is for {cfg.num_layers} layers, the base model has {len(layers)}")
+    if adapter_dtype is None and _is_quantized(model):  # packed base weights: adapters take the model's dtype
+        adapter_dtype = model.get_input_embeddings().weight.dtype
     state = RoutingState()
     for i, layer in enumerate(layers):
         for proj in cfg.lora_targets:
@@ -56,6 +58,30 @@ def attach_adapters(model, cfg: AwakerConfig, adapter_dtype: torch.dtype | None 
     model.awaker_state = state
     _install_routing_hooks(model)
     return model
+
+
+def _is_quantized(model) -> bool:
+    return any(not p.is_floating_point() for p in model.model.language_model.parameters())
+
+
+def _fix_bnb_model(model, dtype: torch.dtype | None):
+    """Two fixes after transformers loads a bitsandbytes export:
+    - given a dtype, transformers 5 casts only some of the unquantized tensors (norms yes, skipped linears
+      such as the vision tower's no), which breaks the forward: cast every float tensor outside the
+      quantized layers (those compute in their own compute dtype and return the input's);
+    - bitsandbytes 0.50's CPU fast path for 4-bit weights (avx512-bf16 CPUs) repacks the weight assuming
+      in_features is a multiple of the quantization block and fails otherwise (only tiny test models have
+      such widths): use its generic path for those layers."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if hasattr(module, "support_avx512bf16_for_cpu") and state is not None \
+                and module.in_features % state.blocksize:
+            module.support_avx512bf16_for_cpu = False
+        quantized = any(not p.is_floating_point() for p in module.parameters(recurse=False))
+        if dtype is not None and not quantized:
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
 
 
 def _span_tokens(model) -> SpanTokens:
@@ -148,6 +174,8 @@ def load_base(path: str | Path, dtype: torch.dtype | None = None, device: str | 
     _silence_transformers()
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt.path, dtype=dtype or "auto",
                                                             device_map=device)
+    if "quantization_config" in ckpt.config:  # an `awaker export` (transformers needs accelerate for it)
+        _fix_bnb_model(model, dtype)
     return model.eval(), ckpt
 
 
@@ -173,16 +201,33 @@ def load_adapter_tensors(model, ckpt: Checkpoint):
         raise AwakerError(f"{ckpt.path}: adapter tensors do not match awaker_config.json:{what}")
     for key in stored:
         target = params[key]
-        tensor = ckpt.get(key)
+        tensor = _read_adapter(ckpt, key, tuple(target.shape))
         if tuple(tensor.shape) != tuple(target.shape):
             raise AwakerError(f"{ckpt.path}: {key} has shape {tuple(tensor.shape)}, "
                               f"awaker_config.json implies {tuple(target.shape)}")
         target.copy_(tensor.to(target.dtype))
 
 
+def _read_adapter(ckpt: Checkpoint, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """An adapter tensor; `awaker export --quantize-experts` stores experts as bitsandbytes blobs
+    (`key` plus `key.SCB` for int8, or `key.absmax`, `key.quant_map`, ... for 4 bit): dequantize them."""
+    tensor = ckpt.get(key)
+    if f"{key}.SCB" in ckpt.tensors:
+        return (tensor.float() * ckpt.get(f"{key}.SCB")[:, None] / 127).reshape(shape)
+    if f"{key}.absmax" in ckpt.tensors:
+        from bitsandbytes.functional import QuantState, dequantize_4bit
+
+        prefix = key + "."
+        state = QuantState.from_dict({k[len(prefix):]: ckpt.get(k) for k in ckpt.tensors if k.startswith(prefix)},
+                                     device=torch.device("cpu"))
+        return dequantize_4bit(tensor, state).reshape(shape)
+    return tensor
+
+
 @torch.no_grad()
 def merge_lora(model):
     """Fold every plain LoRA (q/k/v) into its base weight, for inference."""
     for _, module in adapter_modules(model):
-        if isinstance(module, LoRALinear):
+        # A quantized base cannot absorb the delta: that LoRA stays unmerged (same output, a bit slower).
+        if isinstance(module, LoRALinear) and module.base_layer is None:
             module.merge_()

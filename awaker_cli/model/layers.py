@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..errors import AwakerError
 from .routing import Routing, RoutingState
 
 
@@ -29,12 +30,22 @@ class _AdaptedLinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
         self.weight = base.weight  # shared, not copied
         self.bias = base.bias
+        # A quantized base (bitsandbytes Linear4bit / Linear8bitLt of an `awaker export`) holds a packed
+        # weight only it can multiply with: keep it as a child that computes the base output.
+        self.base_layer = None if base.weight.is_floating_point() else base
         self.rank = rank
         self.scaling = alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _new(self, *shape, dtype=None) -> nn.Parameter:
+        if dtype is None and self.base_layer is not None:
+            raise ValueError("adapters on a quantized base need an explicit float dtype")
         return nn.Parameter(torch.empty(*shape, device=self.weight.device, dtype=dtype or self.weight.dtype))
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.base_layer is not None:
+            return self.base_layer(x)
+        return F.linear(x, self.weight, self.bias)
 
 
 class LoRALinear(_AdaptedLinear):
@@ -49,7 +60,7 @@ class LoRALinear(_AdaptedLinear):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         if self.merged:
             return y
         # One "expert" with weight 1 for all tokens: the same kernels as the MoE layers.
@@ -63,6 +74,8 @@ class LoRALinear(_AdaptedLinear):
     @torch.no_grad()
     def merge_(self):
         """Fold the adapter into the base weight (inference): W += scaling · B A, computed in fp32."""
+        if self.base_layer is not None:
+            raise AwakerError("cannot merge a LoRA into a quantized base weight (merge before `awaker export`)")
         if not self.merged:
             delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
             self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))

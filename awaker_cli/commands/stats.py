@@ -1,0 +1,48 @@
+"""`awaker stats MODEL --data FILE`: how a LoRA-MoE model routes a data file."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cli import app, print_json
+from ..ops.stats import stats as run_stats
+from ..progress import progress_bar, stderr
+
+
+@app.command()
+def stats(
+    model: str = typer.Argument(..., help="An awaker model directory."),
+    data: Path = typer.Option(..., "--data", help="A data file in the training format (JSONL with messages, "
+                                                  "images and an optional task field)."),
+    batch_size: int = typer.Option(4, help="Records per forward pass."),
+    limit: int = typer.Option(None, help="Use only the first N records."),
+    json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
+):
+    """Routing statistics: per router and per task, the share of records each expert gets, the mean
+    probability p of the chosen expert, and the router entropy (nats; log E is uniform)."""
+    s = run_stats(model, data, batch_size=batch_size, limit=limit,
+                  bar=functools.partial(progress_bar, enabled=not json_out))
+    if json_out:
+        return print_json(s)
+    E = s["experts"]
+    table = Table(title=f"routing of {s['records']} records (loss {s['loss']:.4f}, top-{s['top_k']}, "
+                        f"max entropy {s['max_entropy']:.3f})")
+    table.add_column("router")
+    for e in range(E):
+        table.add_column(f"e{e}", justify="right")
+    table.add_column("mean p", justify="right")
+    table.add_column("entropy", justify="right")
+
+    def row(name, d):
+        table.add_row(name, *[f"{x:.0%}" for x in d["share"]], f"{d['mean_p']:.3f}", f"{d.get('entropy', 0):.3f}")
+
+    for r in s["routers"]:
+        row(r["name"], r)
+    table.add_section()
+    row("all routers", s["overall"])
+    for task, d in s.get("tasks", {}).items():
+        row(f"task {task} ({d['records']})", d)
+    stderr.print(table)
