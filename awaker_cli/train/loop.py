@@ -1,0 +1,477 @@
+"""The training loop: one function, `train(recipe)`, for every stage, one process or many (torchrun).
+
+Per optimizer step every process takes grad_accum micro-batches of its share of the step's records
+(data.StepBatches). The loss is the sum of the token losses over the whole step (all micro-batches of
+all processes) divided by the step's number of label tokens, so 2 processes × batch b, 1 process with
+2 accumulated micro-batches of b, and one batch of 2b give the same gradient. Then: clipping, AdamW over
+the trainable parameters only, a cosine (or linear/constant) schedule with warmup.
+
+The output directory holds recipe.yaml (the resolved recipe), metrics.jsonl (appended), checkpoints/
+(atomic, see state.py), train_state.json and, at the end, the awaker model itself (save_model), so
+`awaker info/chat/...` and the next stage's init_from take the directory as it is. Re-running the same
+command resumes from the newest checkpoint; a finished run is not trained again.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..errors import AwakerError
+from ..model.build import adapter_state_dict
+from ..model.routing import Routing, SpanTokens
+from ..model.save import save_model
+from ..progress import stderr
+from . import state as ckpt_io
+from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, read_records
+from .recipe import RUN_CONTROL_FIELDS, Recipe, diff_fields, read_yaml, require_paths
+from .stages import build_stage_model, describe_trainable, plan_stage, trainable_parameters
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "train_state.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- processes ---------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_dist(device: str) -> Dist:
+    """One process, or one of torchrun's (WORLD_SIZE/RANK/LOCAL_RANK): gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AwakerError("train.device is cuda but no CUDA device is available")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        owns = True
+    return Dist(rank, world, local, dev, owns)
+
+
+# -- schedule and losses -----------------------------------------------------------------------------
+def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup from lr/warmup."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def _cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Per router: var / mean² over the experts (0 for a single expert)."""
+    if x.shape[-1] < 2:
+        return x.new_zeros(x.shape[:-1])
+    return x.var(-1) / (x.mean(-1) ** 2 + 1e-10)
+
+
+def balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
+    """cv²(importance) + cv²(load), averaged over routers. importance: the chosen experts' router
+    probabilities summed over the batch (differentiable); load: how many sequences chose each expert."""
+    b, r, _ = routing.probs.shape
+    gates = routing.probs.new_zeros(b, r, num_experts).scatter(2, routing.expert_ids, routing.probs)
+    load = torch.zeros_like(gates).scatter(2, routing.expert_ids, 1.0).sum(0)
+    return (_cv_squared(gates.sum(0)) + _cv_squared(load)).mean()
+
+
+# -- output directory --------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def check_output_dir(out: Path, recipe: Recipe) -> dict | None:
+    """None: start (or resume); else the train_state of a finished run of this same recipe."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise AwakerError(f"output_dir {out}: exists and is not a directory")
+    saved_recipe = out / RECIPE_FILE
+    if not saved_recipe.is_file():
+        if any(out.iterdir()):
+            raise AwakerError(f"output_dir {out}: not empty and not a training run (no {RECIPE_FILE}); "
+                              "choose a new output_dir")
+        return None
+    done = _read_json(out / STATE_FILE)
+    done = done if done and done.get("done") else None
+    if done or ckpt_io.list_checkpoints(out):
+        changed = [f for f in diff_fields(read_yaml(saved_recipe), recipe.to_dict()) if f not in RUN_CONTROL_FIELDS]
+        if changed:
+            what = "a finished run" if done else "checkpoints"
+            raise AwakerError(f"output_dir {out}: holds {what} of a different recipe ({', '.join(changed)} "
+                              f"changed); use a new output_dir, or the same recipe to "
+                              f"{'keep it' if done else 'resume'}")
+    return done
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drop metric lines past the checkpoint being resumed (they are about to be recomputed)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _publish_model(staged: Path, out: Path):
+    """Move the files of a saved model into the output directory (replacing an older final model)."""
+    new = {p.name for p in staged.iterdir()}
+    for p in out.iterdir():
+        if p.is_file() and p.name not in new and (p.name.startswith("model") and p.suffix in (".safetensors", ".json")):
+            p.unlink()
+    for p in staged.iterdir():
+        os.replace(p, out / p.name)
+    staged.rmdir()
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, enabled: bool, total: int, start: int, title: str):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=stderr, transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(title, total=total, completed=start, loss="-", lr="-", tps="-")
+
+    def update(self, step: int, loss: float, lr: float, tps: float):
+        if self.enabled:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tps=f"{tps:,.0f}")
+
+    def close(self):
+        if self.enabled:
+            self.progress.stop()
+            self.enabled = False
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
+    """Run (or resume) the recipe's training. after_step(step, metrics) is called after every optimizer
+    step and after that step's checkpoint is written (tests use it to stop a run as if killed).
+    Returns a summary: output directory, steps, final loss, data statistics."""
+    require_paths(recipe)
+    t, d = recipe.train, recipe.data
+    out = Path(recipe.output_dir)
+    finished = check_output_dir(out, recipe)
+    say = (lambda *a, **k: None) if quiet else stderr.print
+    if finished:
+        say(f"[green]{out}: already trained[/] (step {finished['step']}); nothing to do")
+        return {**finished, "output_dir": str(out), "resumed": False, "skipped": True}
+
+    plan = plan_stage(recipe)  # JSON files only: every recipe problem shows before weights load
+    records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records)
+    ctx = setup_dist(t.device)
+    say = say if ctx.main else (lambda *a, **k: None)
+    try:
+        return _run(recipe, plan, records, stats, ctx, out, say, after_step, quiet)
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, quiet) -> dict:
+    from transformers import AutoProcessor
+
+    t, d = recipe.train, recipe.data
+    global_batch = ctx.world * t.grad_accum * t.batch_size
+    steps_per_epoch = len(records) // global_batch
+    if steps_per_epoch == 0:
+        raise AwakerError(f"{len(records)} usable records, fewer than one global batch of {global_batch} "
+                          f"({ctx.world} process(es) × grad_accum {t.grad_accum} × batch_size {t.batch_size})")
+    total = t.max_steps or t.epochs * steps_per_epoch
+    warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
+    if stats.skipped:
+        say(f"[yellow]skipped {stats.skipped} bad record(s)[/]: "
+            + ", ".join(f"{reason} ({n})" for reason, n in stats.reasons.most_common()))
+
+    processor = AutoProcessor.from_pretrained(plan.source)
+    ids = plan.config.span_token_ids
+    encoder = Encoder(processor, cutoff_len=d.cutoff_len, min_pixels=d.min_pixels, max_pixels=d.max_pixels,
+                      span_tokens=SpanTokens(ids["vision_start"], ids["im_start"], ids["im_end"]),
+                      span_rule=plan.config.routing_span)
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+
+    base_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    model = build_stage_model(plan, dtype=base_dtype, device=ctx.device, seed=t.seed)
+    if t.gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no grad; RNG is replayed
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    model.train()
+    model.model.visual.eval()  # frozen, untouched
+    named = trainable_parameters(model)
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    schedule = functools.partial(lr_factor, total=total, warmup=warmup, kind=t.scheduler, min_ratio=t.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    # resume
+    start, resumed = 0, False
+    if ctx.main:
+        ckpt_io.remove_partials(out)
+    ctx.barrier()
+    found = ckpt_io.list_checkpoints(out)
+    if found:
+        state = ckpt_io.load_checkpoint(found[-1])
+        if state["world_size"] != ctx.world:
+            raise AwakerError(f"{found[-1]}: written by {state['world_size']} process(es), this run has {ctx.world}; "
+                              "resume with the same number of processes")
+        if state["data"]["records"] != len(records):
+            raise AwakerError(f"{found[-1]}: trained on {state['data']['records']} records, the data now has "
+                              f"{len(records)}; the data changed, use a new output_dir")
+        with torch.no_grad():
+            tensors = adapter_state_dict(model)
+            for key, value in state["adapters"].items():
+                tensors[key].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt_io.set_rng_state(state["rng"][ctx.rank])
+        start, resumed = state["step"], True
+        tokens_seen = state.get("tokens_seen", 0)
+        if ctx.main:
+            _truncate_metrics(out / METRICS_FILE, start)
+        say(f"[green]resuming[/] {out} from step {start} ({found[-1].name})")
+    else:
+        tokens_seen = 0
+        if ctx.main:  # a run killed before its first checkpoint starts over: so do its metrics
+            (out / METRICS_FILE).unlink(missing_ok=True)
+        torch.manual_seed(t.seed + ctx.rank)
+        random.seed(t.seed + ctx.rank)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (RECIPE_FILE + ".tmp")
+        tmp.write_text(recipe.to_yaml())
+        os.replace(tmp, out / RECIPE_FILE)
+    ctx.barrier()
+
+    trainable = describe_trainable(model)
+    say(f"[bold]stage {plan.stage}[/] from {plan.source}: {stats.records} records "
+        f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}), {total} steps of {global_batch} "
+        f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
+        f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
+        f"{ctx.world} process(es) on {ctx.device.type}, {t.precision}")
+
+    net = model
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    sampler = StepBatches(len(records), batch_size=t.batch_size, grad_accum=t.grad_accum, world=ctx.world,
+                          rank=ctx.rank, seed=t.seed, shuffle=d.shuffle, start_step=start, total_steps=total)
+    loader = torch.utils.data.DataLoader(RecordDataset(records, encoder), batch_sampler=sampler,
+                                         collate_fn=functools.partial(collate, pad_id=pad_id),
+                                         num_workers=d.num_workers, persistent_workers=False,
+                                         # its own generator: creating the iterator must not draw from the
+                                         # global RNG (dropout, router noise), or a resumed run would diverge
+                                         generator=torch.Generator().manual_seed(t.seed))
+    batches = iter(loader)
+    coef = t.balance_loss_coef
+    num_experts = plan.config.num_experts
+    progress = _Progress(t.progress and ctx.main and not quiet, total, start, f"stage {plan.stage}")
+    metrics_file = out / METRICS_FILE
+    window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+    last: dict = {}
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(t.grad_accum)]
+            local_labels = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+            local_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+            n_labels, _ = ctx.all_sum([float(local_labels), 0.0])
+            loss_sum = bal_sum = 0.0
+            for i, m in enumerate(micro):
+                sync = i == len(micro) - 1
+                no_sync = net.no_sync() if ctx.world > 1 and not sync else contextlib.nullcontext()
+                labels = m.pop("labels").to(ctx.device)
+                model.awaker_state.spans = m.pop("spans").to(ctx.device)
+                inputs = {k: v.to(ctx.device) for k, v in m.items()}
+                with no_sync:
+                    with _autocast(ctx.device, t.precision):
+                        logits = net(**inputs, use_cache=False).logits
+                        model.awaker_state.spans = None
+                        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                        loss = token_loss * (ctx.world / max(n_labels, 1.0))
+                        if coef:
+                            bal = balance_loss(model.awaker_state.current, num_experts)
+                            loss = loss + coef * bal / len(micro)
+                            bal_sum += float(bal.detach()) / len(micro)
+                    loss.backward()
+                loss_sum += float(token_loss.detach())
+                del logits, loss, token_loss
+            if t.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            loss_total, tokens, bal_total = ctx.all_sum([loss_sum, float(local_tokens), bal_sum])
+            step_loss = loss_total / max(n_labels, 1.0)
+            elapsed = time.perf_counter() - t0
+            tokens_seen += int(tokens)
+            window["loss"] += step_loss
+            window["balance"] += bal_total / ctx.world
+            window["steps"] += 1
+            window["tokens"] += int(tokens)
+            window["time"] += elapsed
+            done_steps = step + 1
+            tps = window["tokens"] / max(window["time"], 1e-9)
+            last = {"step": done_steps, "epoch": round(done_steps / steps_per_epoch, 4), "loss": step_loss,
+                    "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": round(tps, 1)}
+            if coef:
+                last["balance_loss"] = bal_total / ctx.world
+            progress.update(done_steps, step_loss, lr, tps)
+            if ctx.main and (done_steps % t.logging_steps == 0 or done_steps == total):
+                record = {"step": done_steps, "epoch": last["epoch"], "loss": window["loss"] / window["steps"],
+                          "lr": lr, "grad_norm": grad_norm, "tokens": window["tokens"], "tokens_per_s": round(tps, 1),
+                          "tokens_seen": tokens_seen, "time": round(time.time(), 3)}
+                if coef:
+                    record["balance_loss"] = window["balance"] / window["steps"]
+                with open(metrics_file, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+            if t.save_steps and done_steps % t.save_steps == 0 and done_steps < total:
+                _save_training_state(ctx, out, model, optimizer, scheduler, done_steps, len(records), global_batch,
+                                     recipe, tokens_seen, t.save_total_limit)
+            if after_step is not None:
+                after_step(done_steps, last)
+    except KeyboardInterrupt:
+        progress.close()
+        saved = ckpt_io.list_checkpoints(out)
+        say(f"[yellow]stopped[/]; re-run the same command to resume from "
+            f"{saved[-1].name if saved else 'the start (no checkpoint yet)'}")
+        raise
+    finally:
+        progress.close()
+
+    # the final model: a normal awaker directory, in the output directory itself
+    if ctx.main:
+        save_dtype = (model.get_input_embeddings().weight.dtype if t.save_dtype == "auto" else _DTYPES[t.save_dtype])
+        staged = out / ".final-model"
+        if staged.exists():
+            shutil.rmtree(staged)
+        model.eval()
+        save_model(model, staged, plan.source, force=True, title=f"awaker stage-{plan.stage} model",
+                   card=_card(recipe, plan, stats, total, last), adapter_dtype=save_dtype)
+        _publish_model(staged, out)
+        summary = {"done": True, "stage": plan.stage, "step": total, "total_steps": total,
+                   "final_loss": last.get("loss"), "tokens_seen": tokens_seen, "data": stats.to_dict(),
+                   "world_size": ctx.world}
+        tmp = out / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, out / STATE_FILE)
+        if not t.keep_checkpoints:
+            shutil.rmtree(ckpt_io.checkpoint_root(out), ignore_errors=True)
+        say(f"[green]wrote[/] {out} (stage {plan.stage}, {total} steps, final loss {last.get('loss', float('nan')):.4f})")
+    ctx.barrier()
+    return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
+            "resumed": resumed, "skipped": False, "data": stats.to_dict()}
+
+
+def _save_training_state(ctx: Dist, out: Path, model, optimizer, scheduler, step: int, num_records: int,
+                         global_batch: int, recipe: Recipe, tokens_seen: int, keep: int):
+    rng = ckpt_io.rng_state()
+    if ctx.world > 1:
+        gathered = [None] * ctx.world
+        dist.all_gather_object(gathered, rng)
+        rng_all = gathered
+    else:
+        rng_all = [rng]
+    if ctx.main:
+        payload = {
+            "adapters": {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model).items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_all,
+            "world_size": ctx.world,
+            "data": {"step": step, "records": num_records, "global_batch": global_batch},
+            "tokens_seen": tokens_seen,
+            "recipe": recipe.to_dict(),
+        }
+        ckpt_io.save_checkpoint(out, step, payload, keep)
+    ctx.barrier()
+
+
+def _card(recipe: Recipe, plan, stats, total: int, last: dict) -> list[str]:
+    c = plan.config
+    lines = [f"Trained by `awaker train` (stage {plan.stage}) from {plan.source}.",
+             f"{stats.records} records from {', '.join(stats.files)}; {total} optimizer steps; "
+             f"final loss {last.get('loss', float('nan')):.4f}."]
+    if c.moe_targets:
+        lines.append(f"LoRA-MoE: {c.num_experts} experts{' + global' if c.global_expert else ''}, top-{c.top_k}, "
+                     f"rank {c.rank}, alpha {c.alpha:g}, combine {c.combine} on {', '.join(c.moe_targets)}; "
+                     f"plain LoRA on {', '.join(c.lora_targets) or '-'}.")
+    else:
+        lines.append(f"One plain LoRA (rank {c.rank}, alpha {c.alpha:g}) on {', '.join(c.lora_targets)}.")
+    lines.append("The resolved recipe is in recipe.yaml, the training curve in metrics.jsonl.")
+    return lines

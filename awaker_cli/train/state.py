@@ -1,0 +1,99 @@
+"""Training checkpoints: everything a run needs to continue exactly where it stopped.
+
+`OUTPUT/checkpoints/step-NNNNNNNN/state.pt` holds the adapter and router tensors, the optimizer and
+scheduler states, every process's RNG states, the data position (the step: see data.StepBatches) and
+the resolved recipe. It is written into a temporary directory that is renamed into place, so a run
+killed at any moment leaves only complete checkpoints; it loads with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import AwakerError
+
+FORMAT = 1
+STATE_NAME = "state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(output_dir: Path, step: int, payload: dict, keep: int) -> Path:
+    """Write checkpoints/step-N atomically, then drop all but the newest `keep`."""
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.partial-", dir=root))
+    try:
+        with open(tmp / STATE_NAME, "wb") as f:
+            torch.save({"format": FORMAT, "step": step, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        (tmp / "checkpoint.json").write_text(json.dumps({"step": step, "format": FORMAT}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (leftover .partial directories are ignored)."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_NAME).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def remove_partials(output_dir: Path):
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for d in root.glob(".step-*.partial-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged file: say which, and how to go on
+        raise AwakerError(f"{path / STATE_NAME}: cannot load the training checkpoint ({type(e).__name__}: {e}); "
+                          "delete that directory to resume from the one before")
+    if state.get("format") != FORMAT:
+        raise AwakerError(f"{path / STATE_NAME}: checkpoint format {state.get('format')} is not supported")
+    return state
