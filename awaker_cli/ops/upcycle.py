@@ -109,9 +109,8 @@ def _init_adapter(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: tor
     if key == ROUTER_PREFIX + "norm_weight":
         return torch.ones(shape, dtype=dtype)
     fan_in = hidden if key == ROUTER_PREFIX + "gate_bias" else shape[-1]
-    t = torch.empty(shape, dtype=torch.float32)
-    t.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in), generator=gen)
-    return t.to(dtype)
+    bound = 1.0 / math.sqrt(fan_in)
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=gen)
 
 
 def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed: int = 0,
