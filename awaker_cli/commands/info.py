@@ -28,11 +28,14 @@ def info(
     table.add_row("", parts)
     if "awaker" in d:
         w = d["awaker"]
-        table.add_row("experts", f"{w['experts']} routed{' + global' if w['global_expert'] else ''}, top-{w['top_k']}, "
-                                 f"rank {w['rank']}, alpha {w['alpha']:g}, combine {w['combine']}")
-        table.add_row("targets", f"LoRA: {', '.join(w['lora_targets']) or '-'}; MoE: {', '.join(w['moe_targets'])}")
-        owners = list(dict.fromkeys(w["router_owners"].values()))
-        table.add_row("routers", f"{w['routers']} ({', '.join(owners)} per layer), span rule {w['routing_span']}")
+        table.add_row("targets", f"LoRA: {', '.join(w['lora_targets']) or '-'}; MoE: {', '.join(w['moe_targets']) or '-'}")
+        if w["moe_targets"]:
+            table.add_row("experts", f"{w['experts']} routed{' + global' if w['global_expert'] else ''}, "
+                                     f"top-{w['top_k']}, rank {w['rank']}, alpha {w['alpha']:g}, combine {w['combine']}")
+            owners = [t for t, o in w["router_owners"].items() if t == o]
+            table.add_row("routers", f"{w['routers']} ({', '.join(owners)} per layer), span rule {w['routing_span']}")
+        else:
+            table.add_row("experts", f"none (plain LoRA of rank {w['rank']}, alpha {w['alpha']:g}; no routers)")
     table.add_row("dtypes", ", ".join(f"{k} ({v} tensors)" for k, v in d["dtypes"].items()))
     table.add_row("size on disk", f"{d['size_on_disk']:,} bytes in {len(d['shards'])} shard(s)")
     table.add_row("files", ", ".join(d["processor_files"]))
