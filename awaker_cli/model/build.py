@@ -166,11 +166,12 @@ def _silence_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_base(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None):
+def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, device: str | None = None):
     """The plain Qwen2-VL model of a directory (either key layout; awaker tensors are ignored)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    ckpt = Checkpoint(path)  # validates config, shards and headers with clear errors first
+    # Checkpoint validates config, shards and headers with clear errors before transformers sees them.
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     _silence_transformers()
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt.path, dtype=dtype or "auto",
                                                             device_map=device)
@@ -183,7 +184,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     """An awaker directory -> the ready model (eval mode), adapters and routers loaded."""
     ckpt = Checkpoint(path)
     cfg = AwakerConfig.load(ckpt.path)
-    model, _ = load_base(ckpt.path, dtype, device)
+    model, _ = load_base(ckpt, dtype, device)
     attach_adapters(model, cfg)
     load_adapter_tensors(model, ckpt)
     return model.eval()
