@@ -98,32 +98,34 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_config(directory: Path) -> dict:
+    """config.json of a Qwen2-VL directory, checked to be one."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise AwakerError(f"{directory}: no config.json (not a Hugging Face model directory)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AwakerError(f"{path}: not valid JSON ({e})")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise AwakerError(f"{path}: not a Qwen2-VL config (model_type {model_type!r}; "
+                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return config
+
+
 class Checkpoint:
     """A checkpoint directory. Tensors are addressed by their hub key whatever layout the files use."""
 
     def __init__(self, path_or_id: str | Path):
         self.path = resolve_path(str(path_or_id))
-        self.config = self._read_config()
+        self.config = read_config(self.path)
         self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             for name, info in read_header(file).items():
                 self.tensors[to_hub(name)] = info
         self._check_index()
-
-    def _read_config(self) -> dict:
-        path = self.path / "config.json"
-        if not path.is_file():
-            raise AwakerError(f"{self.path}: no config.json (not a Hugging Face model directory)")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise AwakerError(f"{path}: not valid JSON ({e})")
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise AwakerError(f"{path}: not a Qwen2-VL config (model_type {model_type!r}; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        return config
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME

@@ -21,7 +21,6 @@ one output shard, the few pieces of the module being stacked, and the small rout
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -35,7 +34,7 @@ import torch
 from ..checkpoint import (Checkpoint, ShardWriter, atomic_output_dir, check_output_dir, copy_processor_files,
                           missing_processor_files, resolve_path, write_model_card)
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path, to_hub
-from ..checkpoint.reader import INDEX_NAME, SINGLE_NAME, SUPPORTED_MODEL_TYPES, read_header
+from ..checkpoint.reader import INDEX_NAME, SINGLE_NAME, read_config, read_header
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, AwakerConfig
 from .upcycle import _span_token_ids
@@ -177,16 +176,7 @@ def open_base(base: str | Path | None) -> BaseDir:
         config = ckpt.config
     else:
         ckpt = None
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise AwakerError(f"{path}: no config.json (--base must be the Qwen2-VL-7B-Instruct directory)")
-        try:
-            config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise AwakerError(f"{cfg_path}: not valid JSON ({e})")
-        if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-            raise AwakerError(f"{cfg_path}: not a Qwen2-VL config (model_type {config.get('model_type')!r}; "
-                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        config = read_config(path)
     missing = missing_processor_files(path)
     if missing:
         raise AwakerError(f"{path}: missing processor/tokenizer files: {', '.join(missing)} "
