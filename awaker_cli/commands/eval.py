@@ -1,0 +1,37 @@
+"""`awaker eval MODEL --data FILE`: per-task exact match, format compliance and routing statistics."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..cli import app, print_json
+from ..progress import progress_bar, stderr
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="A Qwen2-VL or awaker model directory."),
+    data: Path = typer.Option(..., "--data", help="JSONL (or JSON list) in the training data format; "
+                                                  "the last assistant turn is the reference, `task` is optional."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Samples generated together."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest answer generated."),
+    limit: int = typer.Option(0, help="Evaluate only the first N records (0: all)."),
+    predictions: Path = typer.Option(None, "--predictions", help="Write one JSON line per sample here "
+                                                                 "(index, task, question, answer, prediction)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+):
+    """Answer every sample greedily (batched) and score the answers per task: exact match, format
+    compliance (the answer is in its task's format) and their macro averages; for a LoRA-MoE model
+    also the expert histogram per task and routing purity. Runs offline."""
+    from ..evaluate import evaluate, load_samples, report_table
+
+    total = len(load_samples(data, limit or None))
+    with progress_bar("eval", total, unit="samples", enabled=not json_out) as advance:
+        result = evaluate(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          predictions=predictions, limit=limit or None, progress=advance)
+    if json_out:
+        return print_json(result)
+    stderr.print(report_table(result))
+    if predictions:
+        stderr.print(f"[green]wrote[/] {predictions}")
