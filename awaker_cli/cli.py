@@ -7,6 +7,7 @@ import sys
 
 import click
 import typer
+from rich.text import Text
 
 from .errors import AwakerError
 from .progress import stderr
@@ -52,13 +53,13 @@ def run(argv: list[str] | None = None) -> int:
     except AwakerError as e:
         if _debug:
             stderr.print_exception()
-        stderr.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        stderr.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
         return 2
     except Exception as e:  # a bug in awaker, not bad input: say so briefly
         if _debug:
             stderr.print_exception()
-        stderr.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
-                     highlight=False, soft_wrap=True)
+        stderr.print(Text.assemble(("internal error: ", "bold red"), f"{type(e).__name__}: {e} "
+                                   "(run with --debug for the traceback)"), highlight=False, soft_wrap=True)
         return 1
 
 

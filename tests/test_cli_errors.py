@@ -123,3 +123,7 @@ def test_help_for_every_command(capsys):
 def test_corrupt_tokenizer_config(capsys, base_copy, tmp_path):
     (base_copy / "tokenizer_config.json").write_text("{ not json")
     expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "tokenizer_config.json", "not valid JSON")
+
+
+def test_brackets_in_paths_are_not_markup(capsys, tmp_path):
+    expect_error(capsys, ["info", str(tmp_path / "a[/b]")], "a[/b]", "no such directory")

@@ -1,10 +1,12 @@
 """Checkpoint I/O: read both key layouts tensor by tensor, write sharded safetensors atomically."""
-from .files import check_processor_files, copy_processor_files, missing_processor_files, special_token_id, write_model_card
+from .files import (check_processor_files, copy_processor_files, missing_processor_files, special_token_ids,
+                    write_model_card)
 from .reader import Checkpoint, TensorInfo, resolve_path
 from .writer import (DEFAULT_SHARD_SIZE, Entry, ShardWriter, atomic_output_dir, check_output_dir, parse_size,
                      write_checkpoint)
 
 __all__ = [
-    "Checkpoint", "TensorInfo", "resolve_path", "ShardWriter", "atomic_output_dir", "check_output_dir",
-    "parse_size", "DEFAULT_SHARD_SIZE", "Entry", "write_checkpoint", "check_processor_files", "copy_processor_files", "missing_processor_files", "special_token_id", "write_model_card",
+    "Checkpoint", "TensorInfo", "resolve_path", "ShardWriter", "Entry", "write_checkpoint", "atomic_output_dir",
+    "check_output_dir", "parse_size", "DEFAULT_SHARD_SIZE", "check_processor_files", "copy_processor_files",
+    "missing_processor_files", "special_token_ids", "write_model_card",
 ]

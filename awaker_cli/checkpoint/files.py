@@ -70,22 +70,22 @@ def _read_json(path: Path) -> dict:
         raise AwakerError(f"{path}: not valid JSON ({e})")
 
 
-def special_token_id(directory: Path, token: str) -> int:
-    """The id of a special token, read from the tokenizer files (no tokenizer is loaded)."""
-    tokenizer = directory / "tokenizer.json"
+def special_token_ids(directory: Path, tokens: list[str]) -> dict[str, int]:
+    """The ids of special tokens, read from the tokenizer files (no tokenizer is loaded)."""
+    found: dict[str, int] = {}
+    tokenizer, config, vocab = (directory / n for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
     if tokenizer.is_file():
-        for added in _read_json(tokenizer).get("added_tokens", []):
-            if added.get("content") == token:
-                return int(added["id"])
-    config = directory / "tokenizer_config.json"
+        found.update({a.get("content"): int(a["id"]) for a in _read_json(tokenizer).get("added_tokens", [])})
     if config.is_file():
-        for tid, added in _read_json(config).get("added_tokens_decoder", {}).items():
-            if added.get("content") == token:
-                return int(tid)
-    vocab = directory / "vocab.json"
-    if vocab.is_file() and token in (v := _read_json(vocab)):
-        return int(v[token])
-    raise AwakerError(f"{directory}: the tokenizer has no {token} token")
+        decoder = _read_json(config).get("added_tokens_decoder", {})
+        found.update({a.get("content"): int(i) for i, a in decoder.items() if a.get("content") not in found})
+    missing = [t for t in tokens if t not in found]
+    if missing and vocab.is_file():
+        found.update({t: int(i) for t, i in _read_json(vocab).items() if t in missing})
+    for token in tokens:
+        if token not in found:
+            raise AwakerError(f"{directory}: the tokenizer has no {token} token")
+    return {t: found[t] for t in tokens}
 
 
 def write_model_card(directory: Path, title: str, lines: list[str]):

@@ -17,15 +17,6 @@ def to_hub(key: str) -> str:
     return key
 
 
-def to_memory(key: str) -> str:
-    """Hub name -> the name in a transformers-5 Qwen2VLForConditionalGeneration state dict."""
-    if key.startswith("visual."):
-        return "model." + key
-    if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + key[len("model."):]
-    return key
-
-
 def lm_linear(key: str) -> tuple[int, str, str] | None:
     """(layer, projection name, weight|bias) for a hub key of a language-model linear, else None."""
     m = _LM_LINEAR.match(key)

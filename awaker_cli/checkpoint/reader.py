@@ -80,6 +80,8 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raise AwakerError(f"{file}: corrupt safetensors header")
     except OSError as e:
         raise AwakerError(f"{file}: cannot read ({e.strerror})")
+    if not isinstance(header, dict):
+        raise AwakerError(f"{file}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
     infos, data_size = {}, size - 8 - n
     for name, h in header.items():
@@ -107,6 +109,8 @@ def read_config(directory: Path) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise AwakerError(f"{path}: not valid JSON ({e})")
+    if not isinstance(config, dict):
+        raise AwakerError(f"{path}: not a JSON object")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise AwakerError(f"{path}: not a Qwen2-VL config (model_type {model_type!r}; "
@@ -133,7 +137,9 @@ class Checkpoint:
             try:
                 self.weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise AwakerError(f"{index}: not a valid safetensors index (needs a weight_map)")
+                self.weight_map = None
+            if not isinstance(self.weight_map, dict):
+                raise AwakerError(f"{index}: not a valid safetensors index (needs a weight_map object)")
             files = []
             for name in dict.fromkeys(self.weight_map.values()):
                 file = self.path / name
@@ -164,18 +170,19 @@ class Checkpoint:
         """Text fields whether config.json is nested (transformers 5) or flat (the original releases)."""
         return self.config.get("text_config") or self.config
 
-    def hf_config(self):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(self.path)
+    def _text_field(self, name: str) -> int:
+        try:
+            return int(self.text_config[name])
+        except (KeyError, TypeError, ValueError):
+            raise AwakerError(f"{self.path / 'config.json'}: no valid {name}")
 
     @property
     def num_layers(self) -> int:
-        return int(self.text_config["num_hidden_layers"])
+        return self._text_field("num_hidden_layers")
 
     @property
     def hidden_size(self) -> int:
-        return int(self.text_config["hidden_size"])
+        return self._text_field("hidden_size")
 
     # -- tensors --------------------------------------------------------------------------------------
     def ordered_keys(self) -> list[str]:

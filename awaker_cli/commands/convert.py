@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
@@ -45,7 +46,7 @@ def convert(
         result = run_convert(plan, out, force=force, progress=advance)
     if json_out:
         return print_json(result)
-    stderr.print(f"[green]wrote[/] {out} ({result['shards']} shard(s); {result['experts']} experts + global, "
+    stderr.print(f"[green]wrote[/] {escape(str(out))} ({result['shards']} shard(s); {result['experts']} experts + global, "
                  f"rank {result['rank']}, {result['adapter_params']:,} adapter parameters)")
 
 

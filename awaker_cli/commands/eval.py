@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..cli import app, print_json
 from ..progress import progress_bar, stderr
@@ -34,4 +35,4 @@ def eval_(
         return print_json(result)
     stderr.print(report_table(result))
     if predictions:
-        stderr.print(f"[green]wrote[/] {predictions}")
+        stderr.print(f"[green]wrote[/] {escape(str(predictions))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..checkpoint import check_output_dir
 from ..cli import app, print_json
@@ -36,5 +37,5 @@ def pretrain_tiny(
     if json_out:
         return print_json(result)
     acc = ", ".join(f"{k} {100 * v:.0f}%" for k, v in result["accuracy"].items())
-    stderr.print(f"[green]wrote[/] {out} ({result['parameters']:,} parameters, {result['train_seconds']:.0f}s; "
+    stderr.print(f"[green]wrote[/] {escape(str(out))} ({result['parameters']:,} parameters, {result['train_seconds']:.0f}s; "
                  f"held-out accuracy: {acc})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..cli import app, print_json
 from ..progress import progress_bar, stderr
@@ -31,4 +32,4 @@ def synth(
         result = write_dataset(out, train, test, seed, tasks=names, force=force, progress=advance)
     if json_out:
         return print_json(result)
-    stderr.print(f"[green]wrote[/] {result['train']} ({train} records) and {result['test']} ({test} records)")
+    stderr.print(f"[green]wrote[/] {escape(str(result['train']))} ({train} records) and {escape(str(result['test']))} ({test} records)")

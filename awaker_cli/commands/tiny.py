@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..checkpoint import atomic_output_dir, parse_size
 from ..cli import app
@@ -29,4 +30,4 @@ def make_tiny(
     shard = parse_size(max_shard_size) if max_shard_size else None
     with atomic_output_dir(out, force) as tmp:
         build_tiny_base(tmp, layout=layout, max_shard_size=shard, seed=seed)
-    stderr.print(f"[green]wrote[/] {out} (tiny random Qwen2-VL, {layout} layout)")
+    stderr.print(f"[green]wrote[/] {escape(str(out))} (tiny random Qwen2-VL, {layout} layout)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
@@ -58,7 +59,7 @@ def upcycle(
         result = run_upcycle(plan, out, force=force, seed=seed, progress=advance)
     if json_out:
         return print_json(result)
-    stderr.print(f"[green]wrote[/] {out} ({result['shards']} shard(s), "
+    stderr.print(f"[green]wrote[/] {escape(str(out))} ({result['shards']} shard(s), "
                  f"{result['adapter_params']:,} adapter parameters added)")
 
 

@@ -27,8 +27,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
 from ..kernels import make_plans
+from ..model.build import route
 from ..model.layers import LoRALinear
-from ..model.routing import Routing, routing_spans, span_mean
+from ..model.routing import Routing
 from .sampling import SamplingParams, sample
 
 # A request: a user prompt, or chat messages [{"role": ..., "content": str | [parts]}] where a part is
@@ -536,14 +537,8 @@ class Engine:
         return embeds
 
     def _route(self, ids, mask, embeds) -> Routing:
-        """Every router on the mean prompt-span embedding, as the model's prefill hook computes it."""
-        from ..model.build import _span_tokens
-
-        state, cfg = self.model.awaker_state, self.model.awaker_config
-        spans = state.spans
-        if spans is None:
-            spans = routing_spans(ids, mask, _span_tokens(self.model), cfg.routing_span)
-        return self.model.awaker_routers(span_mean(embeds, spans.to(embeds.device), mask))
+        """Every router on the mean prompt-span embedding, exactly as the model's prefill hook does."""
+        return route(self.model, ids, mask, embeds)
 
     def _decode_step(self, buf: _Buffers):
         """One token for every row: reads buf.tokens/pos/slot, writes buf.logits and the cache, then

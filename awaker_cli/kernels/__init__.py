@@ -6,6 +6,7 @@ the torch reference otherwise; AWAKER_KERNELS=torch|triton forces one.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,7 @@ def backend_for(t: torch.Tensor) -> str:
     return "triton" if t.is_cuda and _triton_available() else "torch"
 
 
+@functools.cache
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401

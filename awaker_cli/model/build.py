@@ -13,7 +13,7 @@ from ..checkpoint.reader import Checkpoint
 from ..errors import AwakerError
 from .config import AwakerConfig
 from .layers import LoRALinear, MoELoRALinear, RouterBank
-from .routing import RoutingState, SpanTokens, routing_spans, span_mean
+from .routing import Routing, RoutingState, SpanTokens, routing_spans, span_mean
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -93,10 +93,22 @@ def _span_tokens(model) -> SpanTokens:
     return SpanTokens(ids["vision_start"], ids["im_start"], ids["im_end"])
 
 
+def route(model, input_ids, attention_mask, embeds) -> Routing:
+    """Every router of `model` on the mean of `embeds` (the language model's input embeddings, image
+    features substituted) over each sequence's span: explicit `awaker_state.spans` if set (they serve
+    one prefill only), else the span rule applied to input_ids."""
+    state = model.awaker_state
+    spans, state.spans = state.spans, None
+    if spans is None:
+        if input_ids is None:
+            raise AwakerError("routing needs input_ids (or explicit spans) to find the prompt span")
+        spans = routing_spans(input_ids, attention_mask, _span_tokens(model), model.awaker_config.routing_span)
+    return model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask))
+
+
 def _install_routing_hooks(model):
     state: RoutingState = model.awaker_state
-    tokens = _span_tokens(model)
-    rule = model.awaker_config.routing_span
+    _span_tokens(model)  # fail at load time, not at the first forward, if the config lacks them
 
     def capture_request(module, args, kwargs):
         # A forward with an empty (or no) KV cache starts new sequences: route them. With a filled
@@ -116,13 +128,7 @@ def _install_routing_hooks(model):
             return
         input_ids, attention_mask = state._pending
         state._pending = None
-        embeds = kwargs["inputs_embeds"]
-        spans = state.spans
-        if spans is None:
-            if input_ids is None:
-                raise AwakerError("routing needs input_ids (or explicit spans) to find the prompt span")
-            spans = routing_spans(input_ids, attention_mask, tokens, rule)
-        state.current = model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask))
+        state.current = route(model, input_ids, attention_mask, kwargs["inputs_embeds"])
 
     model.register_forward_pre_hook(capture_request, with_kwargs=True)
     model.model.language_model.register_forward_pre_hook(route_request, with_kwargs=True)

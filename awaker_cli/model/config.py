@@ -124,11 +124,16 @@ class AwakerConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "AwakerConfig":
+        if not isinstance(data, dict):
+            raise AwakerError("invalid awaker config: not a JSON object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise AwakerError(f"invalid awaker config: unknown field(s) {', '.join(unknown)}")
-        return cls(**data).validate()
+        try:
+            return cls(**data).validate()
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type
+            raise AwakerError(f"invalid awaker config: a field has the wrong type ({e})")
 
     def save(self, directory: str | Path):
         Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

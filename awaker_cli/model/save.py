@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoint import (DEFAULT_SHARD_SIZE, Entry, atomic_output_dir, copy_processor_files, write_checkpoint,
                           write_model_card)
+from ..errors import AwakerError
 from .build import adapter_state_dict, base_state_dict
 
 
@@ -29,6 +30,10 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
     adapter_dtype: cast adapters/routers on the way out (default: as they are in memory).
     """
     source, out = Path(source), Path(out)
+    if any(getattr(m, "merged", False) for m in model.modules()):
+        # The base weights already hold the q/k/v deltas: saving them beside the LoRA would apply it twice.
+        raise AwakerError("this model's q/k/v LoRA is merged into its base weights (inference only); "
+                          "save the model before merging it")
     with atomic_output_dir(out, force) as tmp:
         tensors = dict(base_state_dict(model))
         adapters = adapter_state_dict(model) if hasattr(model, "awaker_config") else {}

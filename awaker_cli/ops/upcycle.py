@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (Checkpoint, Entry, atomic_output_dir, check_output_dir, check_processor_files,
-                          copy_processor_files, special_token_id, write_checkpoint, write_model_card)
+                          copy_processor_files, special_token_ids, write_checkpoint, write_model_card)
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, AwakerConfig
@@ -64,9 +64,12 @@ class UpcyclePlan:
 
 def _span_token_ids(base: Checkpoint) -> dict[str, int]:
     """The tokens the routing span rule looks for, from this checkpoint's own config and tokenizer."""
-    return {"im_start": special_token_id(base.path, "<|im_start|>"),
-            "im_end": special_token_id(base.path, "<|im_end|>"),
-            "vision_start": int(base.config["vision_start_token_id"])}
+    ids = special_token_ids(base.path, ["<|im_start|>", "<|im_end|>"])
+    try:
+        vision_start = int(base.config["vision_start_token_id"])
+    except (KeyError, TypeError, ValueError):
+        raise AwakerError(f"{base.path / 'config.json'}: no vision_start_token_id")
+    return {"im_start": ids["<|im_start|>"], "im_end": ids["<|im_end|>"], "vision_start": vision_start}
 
 
 def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: int) -> UpcyclePlan:

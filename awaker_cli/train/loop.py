@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.markup import escape
 
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
@@ -216,7 +217,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
     finished = check_output_dir(out, recipe)
     say = (lambda *a, **k: None) if quiet else stderr.print
     if finished:
-        say(f"[green]{out}: already trained[/] (step {finished['step']}); nothing to do")
+        say(f"[green]{escape(str(out))}: already trained[/] (step {finished['step']}); nothing to do")
         return {**finished, "output_dir": str(out), "resumed": False, "skipped": True}
 
     plan = plan_stage(recipe)  # JSON files only: every recipe problem shows before weights load
@@ -296,7 +297,7 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
         tokens_seen = state.get("tokens_seen", 0)
         if ctx.main:
             _truncate_metrics(out / METRICS_FILE, start)
-        say(f"[green]resuming[/] {out} from step {start} ({found[-1].name})")
+        say(f"[green]resuming[/] {escape(str(out))} from step {start} ({found[-1].name})")
     else:
         tokens_seen = 0
         if ctx.main:  # a run killed before its first checkpoint starts over: so do its metrics
@@ -432,7 +433,7 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
         os.replace(tmp, out / STATE_FILE)
         if not t.keep_checkpoints:
             shutil.rmtree(ckpt_io.checkpoint_root(out), ignore_errors=True)
-        say(f"[green]wrote[/] {out} (stage {plan.stage}, {total} steps, final loss {last.get('loss', float('nan')):.4f})")
+        say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {total} steps, final loss {last.get('loss', float('nan')):.4f})")
     ctx.barrier()
     return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
             "resumed": resumed, "skipped": False, "data": stats.to_dict()}
