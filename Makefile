@@ -16,10 +16,9 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install demo test clean
 install: $(VENV)/.installed
 
+# The whole pipeline on the shipped tiny model (about 5 minutes on a laptop CPU); see `awaker demo --help`.
 demo: $(VENV)/.installed
-	$(VENV)/bin/awaker make-tiny $(DEMO_DIR)/tiny-base --force
-	$(VENV)/bin/awaker upcycle $(DEMO_DIR)/tiny-base $(DEMO_DIR)/tiny-moe --rank 8 --alpha 16 --force
-	$(VENV)/bin/awaker info $(DEMO_DIR)/tiny-moe
+	$(VENV)/bin/awaker demo $(DEMO_DIR) --force
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
