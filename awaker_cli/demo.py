@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from .errors import AwakerError
 
 LAYOUT = {
@@ -84,6 +86,8 @@ class _Stage:
 
     def _update(self, **kw):
         if self.display.progress is not None:
+            if "note" in kw:  # notes hold model output and paths: never parse them as rich markup
+                kw["note"] = escape(kw["note"])
             self.display.progress.update(self.task, **kw)
 
     def reset(self, total: int | None, unit: str = "", note: str | None = None):
@@ -134,6 +138,7 @@ class _Display:
         self.progress = None
         self.tasks: dict = {}
         self.timings: dict[str, float] = {}
+        self.done = 0
         if not enabled or not console.is_terminal:
             return
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -175,14 +180,14 @@ class _Display:
             self.timings[key] = round(seconds, 2)
             mark = "[green]✓" if ok else "[red]✗"
             if self.progress is not None:
-                total = self.progress.tasks[task].total
+                total = next(t.total for t in self.progress.tasks if t.id == task)
                 self.progress.update(task, mark=mark, **({"completed": total} if ok and total is not None else {}))
                 self.progress.stop_task(task)
-                self.progress.update(self.overall, advance=1 if ok else 0,
-                                     count=f"{len(self.timings)}/{len(STAGES)} stages")
+                self.done += ok
+                self.progress.update(self.overall, completed=self.done, count=f"{self.done}/{len(STAGES)} stages")
             elif self.console is not None:
                 note = f" · {handle.note}" if handle.note and ok else ""
-                self.console.print(f"{mark}[/] {label:<22} [dim]{seconds:6.1f} s{note}", highlight=False,
+                self.console.print(f"{mark}[/] {label:<22} [dim]{seconds:6.1f} s{escape(note)}", highlight=False,
                                    markup=True, soft_wrap=True)
 
 
@@ -397,11 +402,11 @@ def eval_table(dense: dict, moe: dict, title: str):
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
     names = list(dict.fromkeys([*dense["tasks"], *moe["tasks"]]))
     table.add_column("task", no_wrap=True, min_width=max(len(n) for n in names))
-    for name in ("LoRA\nexact %", "LoRA\nformat %", "LoRA-MoE\nexact %", "LoRA-MoE\nformat %"):
+    for name in ("LoRA\nexact", "LoRA\nformat", "LoRA-MoE\nexact", "LoRA-MoE\nformat"):
         table.add_column(name, justify="right")
     routing = moe.get("routing") or {}
     histogram = routing.get("histogram") or {}
-    table.add_column("MoE expert\nshares %")
+    table.add_column("MoE expert\nshares", no_wrap=True)
     for task in names:
         d, m = dense["tasks"].get(task, {}), moe["tasks"].get(task, {})
         shares = " ".join(f"{100 * f:3.0f}" for f in histogram.get(task, []))
@@ -423,7 +428,7 @@ def print_report(summary: dict, console) -> None:
     e, p, x, c = summary["eval"], summary["prune"], summary["export"], summary["chat"]
     n = e["moe"]["n"]
     console.print()
-    console.print(eval_table(e["dense"], e["moe"], f"stage-1 LoRA vs LoRA-MoE (stage 3) on {n} held-out questions"))
+    console.print(eval_table(e["dense"], e["moe"], f"stage-1 LoRA vs LoRA-MoE (stage 3) on {n} held-out questions, %"))
     steps = summary["train"]
     more = steps["stage2"]["steps"] + steps["stage3"]["steps"]
     console.print(f"[dim]The LoRA-MoE is the stage-1 LoRA trained {more} more steps as experts; bench/miniature.py "
@@ -435,7 +440,7 @@ def print_report(summary: dict, console) -> None:
     console.print(f"[bold]export nf4[/]: {x['size_on_disk'] / 1e6:.2f} MB of weights, {x['size_ratio']:.2f}x the bf16 "
                   f"model (linear weights {x['linear_ratio']:.2f}x); loss {x['loss_before']:.4f} → "
                   f"{x['loss_after']:.4f} ({x['loss_change']:+.4f})", highlight=False)
-    console.print(f"[bold]chat[/] (nf4 model) · image {c['image']}", highlight=False)
+    console.print(f"[bold]chat[/] (nf4 model) · image {escape(c['image'])}", highlight=False)
     console.print(f"  user:      {c['question']}", highlight=False, markup=False)
     console.print(f"  assistant: {c['answer']}", highlight=False, markup=False)
     console.print(f"  expected:  {c['expected']} ({'right' if c['correct'] else 'wrong'})", highlight=False,
@@ -443,5 +448,5 @@ def print_report(summary: dict, console) -> None:
     for line in c["routing_lines"]:
         console.print(f"  routing:   {line}", highlight=False, markup=False)
     timings = " · ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items())
-    console.print(f"[green]done[/] in {summary['wall_s']:.0f} s ({timings}); everything is in {summary['out']}",
+    console.print(f"[green]done[/] in {summary['wall_s']:.0f} s ({timings}); everything is in {escape(summary['out'])}",
                   highlight=False)
