@@ -3,6 +3,7 @@ data file greedily in batches, score the answers, and optionally write the predi
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -87,5 +88,7 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 
     if predictions:
         out = Path(predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = out.with_name(out.name + ".partial")  # never a half-written predictions file
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, out)
     return {"model": str(model_dir), "kind": kind, "data": str(data_file), **metrics}

@@ -89,12 +89,20 @@ def assistant_labels(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
     return labels
 
 
-def encode(processor, records: list[Record]) -> dict:
-    """Processor inputs (left-padded) and labels for a batch of records."""
+def _open_image(path):
     from PIL import Image
 
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:  # missing, unreadable or not an image: the data file's problem, one line
+        raise AwakerError(f"{path}: cannot read image ({e})")
+
+
+def encode(processor, records: list[Record]) -> dict:
+    """Processor inputs (left-padded) and labels for a batch of records."""
     texts = [processor.apply_chat_template(r.messages, tokenize=False) for r in records]
-    images = [Image.open(p).convert("RGB") for r in records for p in r.images]
+    images = [_open_image(p) for r in records for p in r.images]
     processor.tokenizer.padding_side = "left"
     batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
     batch["labels"] = assistant_labels(batch["input_ids"], processor.tokenizer)
