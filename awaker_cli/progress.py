@@ -24,3 +24,15 @@ def progress_bar(description: str, total: int, *, unit: str = "bytes",
     with Progress(*columns, console=stderr, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
+
+
+def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column key/value table on stderr (plans, summaries); values are plain text, never markup
+    (they hold paths)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, Text(value))
+    stderr.print(table)

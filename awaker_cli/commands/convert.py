@@ -5,12 +5,11 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
 from ..cli import app, print_json
 from ..ops.convert import DEFAULT_ALPHA, plan_convert, run_convert
-from ..progress import progress_bar, stderr
+from ..progress import print_rows, progress_bar, stderr
 
 
 @app.command()
@@ -51,7 +50,6 @@ def convert(
 
 
 def _print_plan(s: dict):
-    table = Table(title="convert plan (nothing written)", show_header=False)
     c = s["awaker_config"]
     rows = [
         ("source", f"{s['source']} ({s['source_format']}, {s['source_tensors']:,} tensors)"),
@@ -66,6 +64,4 @@ def _print_plan(s: dict):
         ("total", f"{s['total_bytes']:,} bytes"),
     ]
     rows += [("note", n) for n in s["notes"]]
-    for k, v in rows:
-        table.add_row(k, v)
-    stderr.print(table)
+    print_rows("convert plan (nothing written)", rows)

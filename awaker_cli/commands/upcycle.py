@@ -5,13 +5,12 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
 from ..cli import app, print_json
 from ..model.config import AwakerConfig
 from ..ops.upcycle import plan_upcycle, run_upcycle
-from ..progress import progress_bar, stderr
+from ..progress import print_rows, progress_bar, stderr
 
 
 def _names(text: str) -> list[str]:
@@ -64,7 +63,6 @@ def upcycle(
 
 
 def _print_plan(s: dict):
-    table = Table(title="upcycle plan (nothing written)", show_header=False)
     c = s["awaker_config"]
     rows = [
         ("base", s["base"]),
@@ -78,6 +76,4 @@ def _print_plan(s: dict):
         ("shards", str(s["shards"])),
         ("total", f"{s['total_bytes']:,} bytes"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
-    stderr.print(table)
+    print_rows("upcycle plan (nothing written)", rows)
