@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (DEFAULT_SHARD_SIZE, Entry, atomic_output_dir, copy_processor_files, write_checkpoint,
-                          write_model_card)
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, atomic_output_dir, copy_processor_files,
+                          write_checkpoint, write_model_card)
+from ..checkpoint.keys import is_adapter_key
 from ..errors import AwakerError
 from .build import adapter_state_dict, base_state_dict
+from .config import AwakerConfig
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
@@ -49,3 +51,23 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
         copy_processor_files(source, tmp)
         write_model_card(tmp, title, list(card))
     return out
+
+
+def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[str, torch.Tensor],
+                          config: AwakerConfig, *, force: bool = False, title: str = "awaker model",
+                          card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE,
+                          adapter_dtype: torch.dtype | None = None) -> Path:
+    """Save a model whose base is `source`'s, unchanged (training freezes it): the base tensors are
+    copied byte for byte from source's files, the adapters and routers come from `adapters`."""
+    base_keys = [key for key in source.ordered_keys() if not is_adapter_key(key)]
+    entries = [Entry(key, source.tensors[key].dtype, source.tensors[key].shape, source=source.tensors[key])
+               for key in base_keys]
+    for key, t in adapters.items():
+        entries.append(Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t))
+    with atomic_output_dir(Path(out), force) as tmp:
+        write_checkpoint(tmp, entries, max_shard_size)
+        shutil.copy2(source.path / "config.json", tmp / "config.json")
+        config.save(tmp)
+        copy_processor_files(source.path, tmp)
+        write_model_card(tmp, title, list(card))
+    return Path(out)

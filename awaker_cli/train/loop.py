@@ -7,7 +7,7 @@ all processes) divided by the step's number of label tokens, so 2 processes × b
 the trainable parameters only, a cosine (or linear/constant) schedule with warmup.
 
 The output directory holds recipe.yaml (the resolved recipe), metrics.jsonl (appended), checkpoints/
-(atomic, see state.py), train_state.json and, at the end, the awaker model itself (save_model), so
+(atomic, see state.py), train_state.json and, at the end, the awaker model itself (save_with_source_base), so
 `awaker info/chat/...` and the next stage's init_from take the directory as it is. Re-running the same
 command resumes from the newest checkpoint; a finished run is not trained again.
 """
@@ -21,7 +21,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,11 +28,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.markup import escape
 
+from ..checkpoint import Checkpoint
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
 from ..model.routing import Routing, SpanTokens
-from ..model.save import save_model
+from ..model.save import save_with_source_base
 from ..progress import stderr
+from . import parallel
 from . import state as ckpt_io
 from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, read_records
 from .recipe import RUN_CONTROL_FIELDS, Recipe, diff_fields, read_yaml, require_paths
@@ -43,48 +44,6 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "train_state.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# -- processes ---------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    owns_group: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_dist(device: str) -> Dist:
-    """One process, or one of torchrun's (WORLD_SIZE/RANK/LOCAL_RANK): gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise AwakerError("train.device is cuda but no CUDA device is available")
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
-        owns = True
-    return Dist(rank, world, local, dev, owns)
 
 
 # -- schedule and losses -----------------------------------------------------------------------------
@@ -222,7 +181,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
 
     plan = plan_stage(recipe)  # JSON files only: every recipe problem shows before weights load
     records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records)
-    ctx = setup_dist(t.device)
+    ctx = parallel.setup_dist(t.device)
     say = say if ctx.main else (lambda *a, **k: None)
     try:
         return _run(recipe, plan, records, stats, ctx, out, say, after_step, quiet)
@@ -231,7 +190,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
             dist.destroy_process_group()
 
 
-def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, quiet) -> dict:
+def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet) -> dict:
     from transformers import AutoProcessor
 
     t, d = recipe.train, recipe.data
@@ -265,6 +224,14 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
     model.config.use_cache = False
     model.train()
     model.model.visual.eval()  # frozen, untouched
+
+    if ctx.main:
+        ckpt_io.remove_partials(out)
+    ctx.barrier()
+    found = ckpt_io.list_checkpoints(out)
+    state = _check_resumable(found[-1], ctx, len(records)) if found else None
+    net = parallel.wrap(model, ctx, t.parallel)  # fsdp: model's parameters are now sharded DTensors
+    sharded = parallel.is_sharded(model)
     named = trainable_parameters(model)
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -272,34 +239,21 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
     schedule = functools.partial(lr_factor, total=total, warmup=warmup, kind=t.scheduler, min_ratio=t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # resume
-    start, resumed = 0, False
-    if ctx.main:
-        ckpt_io.remove_partials(out)
-    ctx.barrier()
-    found = ckpt_io.list_checkpoints(out)
-    if found:
-        state = ckpt_io.load_checkpoint(found[-1])
-        if state["world_size"] != ctx.world:
-            raise AwakerError(f"{found[-1]}: written by {state['world_size']} process(es), this run has {ctx.world}; "
-                              "resume with the same number of processes")
-        if state["data"]["records"] != len(records):
-            raise AwakerError(f"{found[-1]}: trained on {state['data']['records']} records, the data now has "
-                              f"{len(records)}; the data changed, use a new output_dir")
+    start, resumed, tokens_seen = 0, False, 0
+    if state is not None:
+        saved = ckpt_io.load_shard(found[-1], ctx.rank) if sharded else state
         with torch.no_grad():
             tensors = adapter_state_dict(model)
-            for key, value in state["adapters"].items():
-                tensors[key].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
+            for key, value in saved["adapters"].items():
+                parallel.local(tensors[key]).copy_(value)
+        parallel.load_optimizer_shard(optimizer, saved["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"][ctx.rank])
-        start, resumed = state["step"], True
-        tokens_seen = state.get("tokens_seen", 0)
+        start, resumed, tokens_seen = state["step"], True, state.get("tokens_seen", 0)
         if ctx.main:
             _truncate_metrics(out / METRICS_FILE, start)
         say(f"[green]resuming[/] {escape(str(out))} from step {start} ({found[-1].name})")
     else:
-        tokens_seen = 0
         if ctx.main:  # a run killed before its first checkpoint starts over: so do its metrics
             (out / METRICS_FILE).unlink(missing_ok=True)
         torch.manual_seed(t.seed + ctx.rank)
@@ -316,13 +270,8 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
         f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}), {total} steps of {global_batch} "
         f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
         f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
-        f"{ctx.world} process(es) on {ctx.device.type}, {t.precision}")
+        f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}")
 
-    net = model
-    if ctx.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     sampler = StepBatches(len(records), batch_size=t.batch_size, grad_accum=t.grad_accum, world=ctx.world,
                           rank=ctx.rank, seed=t.seed, shuffle=d.shuffle, start_step=start, total_steps=total)
     loader = torch.utils.data.DataLoader(RecordDataset(records, encoder), batch_sampler=sampler,
@@ -347,12 +296,11 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
             n_labels, _ = ctx.all_sum([float(local_labels), 0.0])
             loss_sum = bal_sum = 0.0
             for i, m in enumerate(micro):
-                sync = i == len(micro) - 1
-                no_sync = net.no_sync() if ctx.world > 1 and not sync else contextlib.nullcontext()
+                sync = parallel.gradient_sync(net, sync=i == len(micro) - 1)
                 labels = m.pop("labels").to(ctx.device)
                 model.awaker_state.spans = m.pop("spans").to(ctx.device)
                 inputs = {k: v.to(ctx.device) for k, v in m.items()}
-                with no_sync:
+                with sync:
                     with _autocast(ctx.device, t.precision):
                         logits = net(**inputs, use_cache=False).logits
                         model.awaker_state.spans = None
@@ -367,10 +315,10 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
                 loss_sum += float(token_loss.detach())
                 del logits, loss, token_loss
             if t.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
+                grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
             else:
-                grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+                grad_norm = parallel.scalar(torch.nn.utils.get_total_norm([p.grad for p in params
+                                                                           if p.grad is not None]))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -403,7 +351,7 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
                 window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
             if t.save_steps and done_steps % t.save_steps == 0 and done_steps < total:
                 _save_training_state(ctx, out, model, optimizer, scheduler, done_steps, len(records), global_batch,
-                                     recipe, tokens_seen, t.save_total_limit)
+                                     recipe, tokens_seen, t.save_total_limit, sharded)
             if after_step is not None:
                 after_step(done_steps, last)
     except KeyboardInterrupt:
@@ -415,15 +363,19 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
     finally:
         progress.close()
 
-    # the final model: a normal awaker directory, in the output directory itself
+    # the final model: a normal awaker directory, in the output directory itself. The base is frozen, so
+    # its tensors are copied byte for byte from the source's files; only the adapters come from memory.
+    adapters = parallel.full_tensors(adapter_state_dict(model), keep=ctx.main)
     if ctx.main:
-        save_dtype = (model.get_input_embeddings().weight.dtype if t.save_dtype == "auto" else _DTYPES[t.save_dtype])
+        source = Checkpoint(plan.source)
+        save_dtype = _source_dtype(source) if t.save_dtype == "auto" else _DTYPES[t.save_dtype]
         staged = out / ".final-model"
         if staged.exists():
             shutil.rmtree(staged)
-        model.eval()
-        save_model(model, staged, plan.source, force=True, title=f"awaker stage-{plan.stage} model",
-                   card=_card(recipe, plan, stats, total, last), adapter_dtype=save_dtype)
+        save_with_source_base(staged, source, adapters, plan.config, force=True,
+                              title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, total, last),
+                              adapter_dtype=save_dtype)
+        del adapters
         _publish_model(staged, out)
         summary = {"done": True, "stage": plan.stage, "step": total, "total_steps": total,
                    "final_loss": last.get("loss"), "tokens_seen": tokens_seen, "data": stats.to_dict(),
@@ -439,19 +391,34 @@ def _run(recipe, plan, records, stats, ctx: Dist, out: Path, say, after_step, qu
             "resumed": resumed, "skipped": False, "data": stats.to_dict()}
 
 
-def _save_training_state(ctx: Dist, out: Path, model, optimizer, scheduler, step: int, num_records: int,
-                         global_batch: int, recipe: Recipe, tokens_seen: int, keep: int):
-    rng = ckpt_io.rng_state()
-    if ctx.world > 1:
-        gathered = [None] * ctx.world
-        dist.all_gather_object(gathered, rng)
-        rng_all = gathered
-    else:
-        rng_all = [rng]
+def _check_resumable(checkpoint: Path, ctx: parallel.Dist, num_records: int) -> dict:
+    state = ckpt_io.load_checkpoint(checkpoint)
+    if state["world_size"] != ctx.world:
+        raise AwakerError(f"{checkpoint}: written by {state['world_size']} process(es), this run has {ctx.world}; "
+                          "resume with the same number of processes")
+    if state["data"]["records"] != num_records:
+        raise AwakerError(f"{checkpoint}: trained on {state['data']['records']} records, the data now has "
+                          f"{num_records}; the data changed, use a new output_dir")
+    return state
+
+
+def _save_training_state(ctx: parallel.Dist, out: Path, model, optimizer, scheduler, step: int, num_records: int,
+                         global_batch: int, recipe: Recipe, tokens_seen: int, keep: int, sharded: bool):
+    """Checkpoint `step`: with fsdp every process writes its shard of the adapters and optimizer states,
+    then the main process adds state.pt (the rest) and renames the checkpoint into place."""
+    rng_all = ctx.gather_objects(ckpt_io.rng_state())
+    mine = {"adapters": parallel.to_cpu(adapter_state_dict(model)), "optimizer": parallel.to_cpu(optimizer.state_dict())} \
+        if sharded or ctx.main else {}
+    if ctx.main:
+        ckpt_io.begin_checkpoint(out, step)
+    ctx.barrier()
+    if sharded:
+        ckpt_io.write_part(ckpt_io.shard_path(ckpt_io.staging_dir(out, step), ctx.rank), mine)
+    ctx.barrier()
     if ctx.main:
         payload = {
-            "adapters": {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model).items()},
-            "optimizer": optimizer.state_dict(),
+            **({} if sharded else mine),
+            "sharded": sharded,
             "scheduler": scheduler.state_dict(),
             "rng": rng_all,
             "world_size": ctx.world,
@@ -459,8 +426,14 @@ def _save_training_state(ctx: Dist, out: Path, model, optimizer, scheduler, step
             "tokens_seen": tokens_seen,
             "recipe": recipe.to_dict(),
         }
-        ckpt_io.save_checkpoint(out, step, payload, keep)
+        ckpt_io.finish_checkpoint(out, step, payload, keep)
     ctx.barrier()
+
+
+def _source_dtype(source: Checkpoint) -> torch.dtype:
+    """The base's dtype on disk (its embedding's): adapters are saved in it by default."""
+    info = source.tensors.get("model.embed_tokens.weight")
+    return info.dtype if info is not None else torch.float32
 
 
 def _card(recipe: Recipe, plan, stats, total: int, last: dict) -> list[str]:

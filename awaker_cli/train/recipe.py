@@ -99,6 +99,9 @@ class TrainSection:
     logging_steps: int = 10
     save_dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # Under torchrun: ddp keeps a full copy of everything per process; fsdp shards base, adapters,
+    # gradients and optimizer states over the processes (the 7B stage-2 state does not fit one GPU twice).
+    parallel: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))
     progress: bool = True
 
 
