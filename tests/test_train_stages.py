@@ -212,3 +212,17 @@ def test_init_from_must_match_the_stage(stage1, stage2, data, tmp_path):
         plan_stage(load_recipe("tiny-stage3", [f"init_from={stage2}", "adapter.num_experts=2"]))
     with pytest.raises(AwakerError, match="already an awaker model"):
         plan_stage(load_recipe("tiny-stage1", [f"model={stage1}"]))
+
+
+def test_train_bench_smoke_runs(capsys):
+    """bench/train.py (the GPU benchmark of a stage-2 step) runs its harness on the tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "bench" / "train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--smoke", "--steps", "2", "--balance", "0.01"])
+    assert result["trainable_parameters"] > 0 and result["tokens_per_s"] > 0
+    first, last = result["loss_first_last"]
+    assert last < first  # three AdamW steps on one batch lower its loss

@@ -166,6 +166,32 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def prepare_for_training(model, gradient_checkpointing: bool):
+    if gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no grad; RNG is replayed
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    model.train()
+    model.model.visual.eval()  # frozen, untouched
+
+
+def token_loss_sum(net, model, batch: dict, device: torch.device, precision: str) -> torch.Tensor:
+    """Sum of the cross-entropies of a collated batch's label tokens (labels shifted by one). `net` is
+    what runs the forward (model, or its DDP wrapper); the batch's routing spans go to the model's
+    routing hook. Pops labels and spans from `batch`."""
+    labels = batch.pop("labels").to(device)
+    model.awaker_state.spans = batch.pop("spans").to(device)
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    with _autocast(device, precision):
+        logits = net(**inputs, use_cache=False).logits
+    model.awaker_state.spans = None
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
 def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
     """Run (or resume) the recipe's training. after_step(step, metrics) is called after every optimizer
     step and after that step's checkpoint is written (tests use it to stop a run as if killed).
@@ -215,15 +241,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
 
     base_dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     model = build_stage_model(plan, dtype=base_dtype, device=ctx.device, seed=t.seed)
-    if t.gradient_checkpointing:  # non-reentrant: the frozen base's inputs need no grad; RNG is replayed
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False
-    model.train()
-    model.model.visual.eval()  # frozen, untouched
+    prepare_for_training(model, t.gradient_checkpointing)
 
     if ctx.main:
         ckpt_io.remove_partials(out)
@@ -297,23 +315,16 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
             loss_sum = bal_sum = 0.0
             for i, m in enumerate(micro):
                 sync = parallel.gradient_sync(net, sync=i == len(micro) - 1)
-                labels = m.pop("labels").to(ctx.device)
-                model.awaker_state.spans = m.pop("spans").to(ctx.device)
-                inputs = {k: v.to(ctx.device) for k, v in m.items()}
                 with sync:
-                    with _autocast(ctx.device, t.precision):
-                        logits = net(**inputs, use_cache=False).logits
-                        model.awaker_state.spans = None
-                        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
-                        loss = token_loss * (ctx.world / max(n_labels, 1.0))
-                        if coef:
-                            bal = balance_loss(model.awaker_state.current, num_experts)
-                            loss = loss + coef * bal / len(micro)
-                            bal_sum += float(bal.detach()) / len(micro)
+                    token_loss = token_loss_sum(net, model, m, ctx.device, t.precision)
+                    loss = token_loss * (ctx.world / max(n_labels, 1.0))
+                    if coef:
+                        bal = balance_loss(model.awaker_state.current, num_experts)
+                        loss = loss + coef * bal / len(micro)
+                        bal_sum += float(bal.detach()) / len(micro)
                     loss.backward()
                 loss_sum += float(token_loss.detach())
-                del logits, loss, token_loss
+                del loss, token_loss
             if t.max_grad_norm > 0:
                 grad_norm = parallel.scalar(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
             else:
