@@ -111,12 +111,13 @@ def test_prune_errors(random_moe, tiny_records, tmp_path, capsys):
 
 
 def test_data_reader_labels_assistant_tokens_only(random_moe, tiny_records, tmp_path):
-    from awaker_cli.ops.records import IGNORE, encode
+    from awaker_cli.ops.records import encode
+    from awaker_cli.train.data import IGNORE_INDEX
 
     processor = AutoProcessor.from_pretrained(random_moe)
     records = read_records(tiny_records)
-    batch = encode(processor, records[:4])  # two with images, one text-only, left-padded
-    answers = [processor.tokenizer.decode(ids[labels != IGNORE]) for ids, labels in
+    batch = encode(processor, records[:4])  # two with images, one text-only, padded as in training
+    answers = [processor.tokenizer.decode(ids[labels != IGNORE_INDEX]) for ids, labels in
                zip(batch["input_ids"], batch["labels"])]
     assert answers == ["red<|im_end|>", "green<|im_end|>", "blue<|im_end|>", "4<|im_end|>"]
     bad = tmp_path / "bad.jsonl"
@@ -124,3 +125,38 @@ def test_data_reader_labels_assistant_tokens_only(random_moe, tiny_records, tmp_
                                             {"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(Exception, match="1 <image> placeholder"):
         read_records(bad)
+
+
+def test_stats_reads_the_conversations_layout(random_moe, tiny_records, routed, tmp_path, capsys):
+    """The LLaVA/Qwen layout (`conversations` + `image`) measures exactly as the same records in the
+    `messages` layout: one reader for training and every --data option."""
+    lines = []
+    for line in tiny_records.read_text().splitlines():
+        record = json.loads(line)
+        turns = [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                 for m in record["messages"]]
+        converted = {"conversations": turns, "task": record["task"]}
+        if record.get("images"):
+            converted["image"] = str(tiny_records.parent / record["images"][0])  # absolute paths work too
+        lines.append(json.dumps(converted))
+    data = tmp_path / "llava.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    s = cli_json(capsys, "stats", random_moe, "--data", data)
+    assert s["records"] == 12 and set(s["tasks"]) == {"color", "count"}
+    assert s["overall"]["counts"] == torch.bincount(routed.expert_ids.reshape(-1), minlength=4).tolist()
+    assert s["loss"] == pytest.approx(routed.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("command", ["stats", "prune", "merge", "export"])
+def test_bad_data_record_is_one_error_line_with_file_and_line(command, random_moe, tiny_records, tmp_path, capsys):
+    good = {"messages": [{"role": "user", "content": "what is 1 plus one ?"}, {"role": "assistant", "content": "2"}]}
+    bad = {"conversations": [{"from": "human", "value": "hi"}]}  # no answer
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in (good, good, bad, good)) + "\n")
+    args = {"stats": [], "prune": [tmp_path / "o", "--keep", 2], "merge": [tmp_path / "o"],
+            "export": [tmp_path / "o", "--quantize", "none"]}[command]
+    capsys.readouterr()
+    assert run([command, str(random_moe), *map(str, args), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {data}:3: the last turn must be the assistant's"]
+    assert not (tmp_path / "o").exists()

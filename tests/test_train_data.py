@@ -100,6 +100,21 @@ def test_bad_records_skipped_and_counted(folder):
         read_records([write_jsonl(folder / "e.jsonl", [b for b, _ in BAD])], skip_bad=True)
 
 
+def test_task_limit_and_hint(folder):
+    """What the --data readers of stats, prune, merge, export and eval use: the task, a limit that
+    leaves the rest of the file unread, and no training hint in the error."""
+    path = write_jsonl(folder / "d.jsonl", [{**MESSAGES, "task": "color"}, LLAVA, '{"broken'])
+    records, stats = read_records([path], limit=2)
+    assert [r.task for r in records] == ["color", None] and stats.records == 2
+    with pytest.raises(AwakerError) as e:
+        read_records([path], hint=None)
+    assert str(e.value).startswith(f"{path}:3: bad JSON") and "skip_bad_records" not in str(e.value)
+    with pytest.raises(AwakerError, match=r":1: 'task' must be a string, got int"):
+        read_records([write_jsonl(folder / "t.jsonl", [{**MESSAGES, "task": 3}])])
+    with pytest.raises(AwakerError, match="data file not found"):
+        read_records([folder / "none.jsonl"])
+
+
 def test_broken_json_array_always_stops(folder):
     (folder / "d.json").write_text('[\n' + json.dumps(MESSAGES) + ',\n{"messages": oops}\n]')
     with pytest.raises(AwakerError, match=r"d\.json:3: bad JSON"):

@@ -14,6 +14,8 @@ from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, atomic_ou
                           copy_processor_files, write_model_card)
 from ..checkpoint.keys import ADAPTER_SUFFIXES, ROUTER_PREFIX, lm_linear
 from ..errors import AwakerError
+from ..kernels.routing_ref import router_inputs as ref_router_inputs
+from ..kernels.routing_ref import router_probs as ref_router_probs
 from ..model.config import CONFIG_NAME, AwakerConfig
 
 Tensors = list[tuple[str, torch.Tensor]]
@@ -144,17 +146,16 @@ def lowrank(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
 
 
 def router_inputs(bank: dict[str, torch.Tensor], span_means: torch.Tensor, eps: float) -> torch.Tensor:
-    """[N, R, H] what each router's gate sees for router inputs span_means [N, H]: RMSNorm times the
-    router's norm weight, in fp32 (as kernels.route computes it, before the gate)."""
-    x = span_means.float()
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return normed[:, None, :] * bank["norm_weight"].float()[None]
+    """[N, R, H] what each router's gate sees for router inputs span_means [N, H], in fp32: the
+    reference routing math (kernels.routing_ref) on the checkpoint's router bank."""
+    return ref_router_inputs(span_means.float(), bank["norm_weight"].float(), eps=eps)
 
 
-def router_logits(bank: dict[str, torch.Tensor], span_means: torch.Tensor, eps: float) -> torch.Tensor:
-    """[N, R, E] gate logits (before temperature and softmax), in fp32."""
-    normed = router_inputs(bank, span_means, eps)
-    return torch.einsum("nrh,reh->nre", normed, bank["gate_weight"].float()) + bank["gate_bias"].float()[None]
+def router_probs(bank: dict[str, torch.Tensor], span_means: torch.Tensor, eps: float,
+                 temperature: float) -> torch.Tensor:
+    """[N, R, E] every expert's router probability (eval mode: no noise), in fp32."""
+    return ref_router_probs(span_means.float(), bank["norm_weight"].float(), bank["gate_weight"].float(),
+                            bank["gate_bias"].float(), eps=eps, temperature=temperature)
 
 
 def load_any(path: str | Path, dtype: torch.dtype | None = None):

@@ -15,9 +15,9 @@ from .rewrite import measure, no_bar, open_source
 
 def full_probs(model_bank: dict[str, torch.Tensor], cfg: AwakerConfig, span_means: torch.Tensor) -> torch.Tensor:
     """[N, R, E] every expert's router probability (eval mode: no noise)."""
-    from .rewrite import router_logits
+    from .rewrite import router_probs
 
-    return torch.softmax(router_logits(model_bank, span_means, cfg.router_norm_eps) / cfg.router_temperature, -1)
+    return router_probs(model_bank, span_means, cfg.router_norm_eps, cfg.router_temperature)
 
 
 def _summary(ids: torch.Tensor, probs: torch.Tensor, full: torch.Tensor | None, experts: int) -> dict:

@@ -9,9 +9,13 @@ Layouts (detected per record unless data.format says which):
 
 Files are JSONL (one record a line) or JSON (an array of records): the first character decides.
 Image paths are relative to the data file's directory (or data.image_root). One `<image>` placeholder
-per image, in user turns only. A bad record stops the run with `file:line: reason`, or is skipped and
-counted with data.skip_bad_records. A JSON array that is not valid JSON cannot be resynchronised: that
-always stops the run.
+per image, in user turns only. An optional `task` string labels the record (stats and eval report per
+task). A bad record stops the run with `file:line: reason`, or is skipped and counted with
+data.skip_bad_records. A JSON array that is not valid JSON cannot be resynchronised: that always stops
+the run.
+
+This is the one reader of chat data files: `--data` files of stats, prune, merge, export
+(ops/records.py) and eval (evaluate/data.py) are read and checked here too.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ class Record:
     layout: str
     turns: list[tuple[str, str]]  # (system|user|assistant, text with <image> placeholders)
     images: list[Path]
+    task: str | None = None
 
     @property
     def where(self) -> str:
@@ -65,6 +70,8 @@ class DataStats:
 # -- reading -----------------------------------------------------------------------------------------
 def _iter_raw(path: Path):
     """(line, parsed object or a BadRecord) for every record of a JSON or JSONL file."""
+    if not path.is_file():
+        raise AwakerError(f"{path}: data file not found")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -116,7 +123,7 @@ def _text(value, what: str) -> str:
     return value
 
 
-def _parse(obj, fmt: str) -> tuple[str, list[tuple[str, str]], list[str]]:
+def _parse(obj, fmt: str) -> tuple[str, list[tuple[str, str]], list[str], str | None]:
     if not isinstance(obj, dict):
         raise BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
     has_m, has_c = "messages" in obj, "conversations" in obj
@@ -150,7 +157,10 @@ def _parse(obj, fmt: str) -> tuple[str, list[tuple[str, str]], list[str]]:
         images = [images]
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise BadRecord("'images' must be a path or a list of paths")
-    return layout, turns, images
+    task = obj.get("task")
+    if task is not None:
+        _text(task, "'task'")
+    return layout, turns, images, task
 
 
 def _check_turns(turns: list[tuple[str, str]], n_images: int):
@@ -193,30 +203,42 @@ def _resolve_images(images: list[str], base: Path) -> list[Path]:
     return out
 
 
+SKIP_HINT = "set data.skip_bad_records=true to skip such records"
+
+
 def read_records(files: list[str | Path], *, fmt: str = "auto", image_root: str | None = None,
-                 skip_bad: bool = False) -> tuple[list[Record], DataStats]:
-    """Every record of every file, checked (structure, roles, placeholders, images on disk)."""
+                 skip_bad: bool = False, limit: int | None = None,
+                 hint: str | None = SKIP_HINT) -> tuple[list[Record], DataStats]:
+    """Every record of every file, checked (structure, roles, placeholders, images on disk).
+
+    limit: stop after that many usable records (the rest of the data is not read).
+    hint: appended in parentheses to a bad record's error (None for commands without a skip option).
+    """
     stats = DataStats()
     records: list[Record] = []
     for f in files:
+        if limit is not None and len(records) >= limit:
+            break
         path = Path(f)
         stats.files.append(str(path))
         base = Path(image_root) if image_root else path.resolve().parent
         for line, obj in _iter_raw(path):
+            if limit is not None and len(records) >= limit:
+                break
             try:
                 if isinstance(obj, BadRecord):
                     raise obj
-                layout, turns, images = _parse(obj, fmt)
+                layout, turns, images, task = _parse(obj, fmt)
                 _check_turns(turns, len(images))
                 resolved = _resolve_images(images, base)
             except BadRecord as e:
                 if not skip_bad:
-                    raise AwakerError(f"{path}:{line}: {e} (set data.skip_bad_records=true to skip such records)")
+                    raise AwakerError(f"{path}:{line}: {e}" + (f" ({hint})" if hint else ""))
                 stats.skipped += 1
                 stats.reasons[str(e).split(" (")[0]] += 1
                 continue
             stats.layouts[layout] += 1
-            records.append(Record(path, line, layout, turns, resolved))
+            records.append(Record(path, line, layout, turns, resolved, task))
     stats.records = len(records)
     if not records:
         raise AwakerError(f"no usable records in {', '.join(map(str, files))}"
@@ -233,17 +255,25 @@ def _content(text: str):
     for i, part in enumerate(text.split(IMAGE_PLACEHOLDER)):
         if i:
             items.append({"type": "image"})
-        if part:
+        if part:  # kept exactly as written, as LLaMA-Factory's template does
             items.append({"type": "text", "text": part})
     return items
 
 
+def chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
+    """Turns -> the messages the processor's chat template renders (images placed in user turns)."""
+    return [{"role": role, "content": _content(text) if role == "user" else text} for role, text in turns]
+
+
 class Encoder:
     """Record -> model inputs of one sample: input_ids, labels (assistant content + <|im_end|>),
-    mm_token_type_ids, pixel_values / image_grid_thw, and the routing span [2] (DESIGN.md section 1)."""
+    mm_token_type_ids, pixel_values / image_grid_thw, and the routing span [2] (DESIGN.md section 1).
 
-    def __init__(self, processor, *, cutoff_len: int, span_tokens: SpanTokens, span_rule: str = "prompt",
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+    cutoff_len None keeps whole records; span_tokens None leaves the span out (the model then finds it
+    itself with the same rule, as in chat and eval)."""
+
+    def __init__(self, processor, *, cutoff_len: int | None, span_tokens: SpanTokens | None,
+                 span_rule: str = "prompt", min_pixels: int | None = None, max_pixels: int | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.cutoff_len = cutoff_len
@@ -257,7 +287,7 @@ class Encoder:
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
         self.im_end = "<|im_end|>"
-        if self.tokenizer.convert_tokens_to_ids(self.im_end) != span_tokens.im_end:
+        if span_tokens is not None and self.tokenizer.convert_tokens_to_ids(self.im_end) != span_tokens.im_end:
             raise AwakerError("the tokenizer's <|im_end|> does not match the model's span tokens")
 
     def _render(self, conversation, generation_prompt: bool) -> str:
@@ -266,8 +296,7 @@ class Encoder:
 
     def pieces(self, rec: Record) -> list[tuple[str, bool]]:
         """The rendered conversation cut into (text, is_label) pieces."""
-        conv = [{"role": role, "content": _content(text) if role == "user" else text}
-                for role, text in rec.turns]
+        conv = chat_messages(rec.turns)
         full = self._render(conv, False)
         out, pos = [], 0
         for i, (role, _) in enumerate(rec.turns):
@@ -326,7 +355,7 @@ class Encoder:
         n_image_tokens = sum(counts)
         if queue or sum(1 for t in ids if t == self.image_token_id) != n_image_tokens:
             raise BadRecord("the image tokens do not match the images (check the <image> placeholders)")
-        if len(ids) > self.cutoff_len:
+        if self.cutoff_len is not None and len(ids) > self.cutoff_len:
             kept = sum(1 for t in ids[: self.cutoff_len] if t == self.image_token_id)
             if kept != n_image_tokens:
                 raise BadRecord(f"its images need more than data.cutoff_len={self.cutoff_len} tokens "
@@ -334,9 +363,11 @@ class Encoder:
             ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
         input_ids = torch.tensor(ids, dtype=torch.long)
         mm = (input_ids == self.image_token_id).long()  # 1 = image token, as the processor marks them
-        span = routing_spans(input_ids[None], None, self.span_tokens, self.span_rule)[0]
-        return {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
-                "mm_token_type_ids": mm, "pixel_values": pixel_values, "image_grid_thw": grid, "span": span}
+        sample = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
+                  "mm_token_type_ids": mm, "pixel_values": pixel_values, "image_grid_thw": grid}
+        if self.span_tokens is not None:
+            sample["span"] = routing_spans(input_ids[None], None, self.span_tokens, self.span_rule)[0]
+        return sample
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
@@ -359,7 +390,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
-    batch["spans"] = torch.stack([s["span"] for s in samples])
+    if "span" in samples[0]:
+        batch["spans"] = torch.stack([s["span"] for s in samples])
     return batch
 
 
