@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import DEFAULT_SHARD_SIZE
 from ..checkpoint.keys import ROUTER_PREFIX, lm_module_path
 from ..errors import AwakerError
+from ..kernels.routing_ref import router_logits
 from ..model.config import AwakerConfig
 from ..model.routing import Routing
 from .rewrite import check_target, lowrank, no_bar, open_source, router_inputs, stream, write_output
@@ -221,7 +222,7 @@ def merge_experts(source, out, group: list[int], *, keep_rank_sum=False, span_me
         if span_means is not None:
             # Smallest raise that sends every calibration record that picked a merged expert to the merged one.
             normed = router_inputs(bank, span_means, cfg.router_norm_eps)
-            logits = torch.einsum("nrh,reh->nre", normed, gw) + gb[None]
+            logits = router_logits(span_means.float(), bank["norm_weight"].float(), gw, gb, eps=cfg.router_norm_eps)
             picked_group = torch.isin(logits.argmax(-1), torch.tensor(group))  # [N, R]
             strongest = logits[:, :, group].max(-1).values
             merged = torch.einsum("nrh,rh->nr", normed, row) + bias
