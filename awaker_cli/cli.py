@@ -22,6 +22,11 @@ app = typer.Typer(
 )
 _debug = False
 
+# Every --max-shard-size default (checkpoint.DEFAULT_SHARD_SIZE, tested equal). Written out here because the
+# checkpoint package imports torch, and `awaker --help` must not wait for torch: command modules import
+# torch, transformers and the library's heavy modules inside their functions only.
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback when a command fails.")):

@@ -127,3 +127,38 @@ def test_corrupt_tokenizer_config(capsys, base_copy, tmp_path):
 
 def test_brackets_in_paths_are_not_markup(capsys, tmp_path):
     expect_error(capsys, ["info", str(tmp_path / "a[/b]")], "a[/b]", "no such directory")
+
+
+def test_help_imports_no_torch():
+    # `awaker --help` and `awaker COMMAND --help` must stay fast: torch, transformers and triton take
+    # seconds to import, so command modules import them (and the library modules that need them) lazily.
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+import typer.main
+from awaker_cli.cli import app, run
+codes = [run(["--help"])]
+for name in typer.main.get_command(app).commands:
+    codes.append(run([name, "--help"]))
+print(json.dumps({"codes": codes, "heavy": [m for m in ("torch", "transformers", "triton") if m in sys.modules]}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["codes"]) > 10 and set(result["codes"]) == {0}
+    assert result["heavy"] == []
+
+
+def test_help_defaults_match_the_library():
+    import typer.main
+
+    from awaker_cli.checkpoint import DEFAULT_SHARD_SIZE, parse_size
+    from awaker_cli.cli import DEFAULT_MAX_SHARD_SIZE, app
+    from awaker_cli.ops.convert import DEFAULT_ALPHA
+
+    assert parse_size(DEFAULT_MAX_SHARD_SIZE) == DEFAULT_SHARD_SIZE
+    run(["--help"])  # registers the commands
+    convert = typer.main.get_command(app).commands["convert"]
+    assert next(p.default for p in convert.params if p.name == "alpha") == DEFAULT_ALPHA

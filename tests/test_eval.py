@@ -73,12 +73,33 @@ def test_load_samples_formats_and_errors(tmp_path):
     bad = [({"messages": [{"role": "user", "content": "<image><image>x"}, {"role": "assistant", "content": "y"}],
              "images": ["a.png"]}, "2 <image> placeholder"),
            ({"messages": [{"role": "user", "content": "<image>x"}, {"role": "assistant", "content": "y"}],
-             "images": ["missing.png"]}, "not found"),
-           ({"messages": [{"role": "user", "content": "x"}]}, "assistant answer"),
+             "images": ["missing.png"]}, "missing image missing.png"),
+           ({"messages": [{"role": "user", "content": "x"}]}, "the last turn must be the assistant's"),
            ({"text": "x"}, "'messages' or 'conversations'")]
     for record, message in bad:
-        with pytest.raises(AwakerError, match=message):
-            load_samples(_write(tmp_path / "bad.jsonl", [record]))
+        path = _write(tmp_path / "bad.jsonl", [multi, record])
+        with pytest.raises(AwakerError, match=message) as e:
+            load_samples(path)
+        assert str(e.value).startswith(f"{path}:2: ")  # file:line, as training reports it
+        assert "skip_bad_records" not in str(e.value)  # eval has no such option
+
+
+def test_load_samples_conversations_layout_and_limit(tmp_path):
+    """Eval reads what training reads: the LLaVA/Qwen layout with `images`, a system turn, a task, and a
+    broken record after --limit is never read."""
+    make_image("y")[0].save(tmp_path / "b.png")
+    record = {"system": "Answer in one word.", "images": ["b.png"], "task": "shape",
+              "conversations": [{"from": "human", "value": "What shape?<image>"}, {"from": "gpt", "value": "ok"},
+                                {"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "red"}]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n" + "{broken\n")
+    [sample] = load_samples(path, limit=1)
+    assert (sample.task, sample.question, sample.answer, sample.images) == ("shape", "And the colour?", "red",
+                                                                             [tmp_path / "b.png"])
+    assert [m["role"] for m in sample.prompt] == ["system", "user", "assistant", "user"]
+    assert sample.prompt[1]["content"] == [{"type": "text", "text": "What shape?"}, {"type": "image"}]
+    with pytest.raises(AwakerError, match=f"{path}:2: bad JSON"):
+        load_samples(path)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +160,61 @@ def test_eval_bad_input(tmp_path, neutral_data, capsys):
     assert "error:" in capsys.readouterr().err
     assert run(["eval", str(tiny_base_path()), "--data", str(tmp_path / "none.jsonl")]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory):
+    """One batch of prompts of different lengths: one image, two images of different sizes, no image, and
+    a system turn with an earlier exchange."""
+    root = tmp_path_factory.mktemp("mixed")
+    for i in range(3):
+        make_image(f"eval-engine/{i}")[0].resize((112, 56 * (i + 1))).save(root / f"{i}.png")
+    def user(text):
+        return {"role": "user", "content": text}
+
+    records = [
+        {"messages": [user("<image>What colour are the shapes?"), {"role": "assistant", "content": "-"}],
+         "images": ["0.png"]},
+        {"messages": [user("<image><image>Which digit is shown?"), {"role": "assistant", "content": "-"}],
+         "images": ["1.png", "2.png"]},
+        {"messages": [user("Repeat: red blue"), {"role": "assistant", "content": "-"}]},
+        {"messages": [{"role": "system", "content": "Answer briefly."}, user("<image>What shape are they?"),
+                      {"role": "assistant", "content": "They are circles."}, user("How many shapes are there?"),
+                      {"role": "assistant", "content": "-"}], "images": ["2.png"]},
+    ]
+    return _write(root / "mixed.jsonl", records)
+
+
+@pytest.mark.parametrize("which", ["pretrained dense", "random LoRA-MoE"])
+def test_engine_answers_equal_transformers_generate(which, mixed_data, random_moe):
+    """Eval's engine (static cache, one prefill for the batch, routing once per request) answers exactly
+    what transformers' greedy `generate` answers for the same left-padded batch, routes included."""
+    import torch
+    from PIL import Image
+
+    from awaker_cli.evaluate import answer_samples, eval_engine, generate_answers, load_for_eval, prepare
+
+    path = tiny_base_path() if which == "pretrained dense" else random_moe
+    model, processor, _ = load_for_eval(path, device="cpu")
+    reference, _, _ = load_for_eval(path, device="cpu")  # the engine merges and fuses its model in place
+    samples = load_samples(mixed_data)
+    engine = eval_engine(model, processor)
+    got = answer_samples(engine, [s.prompt for s in samples], [s.images for s in samples], max_new_tokens=12)
+
+    images = [[Image.open(p).convert("RGB") for p in s.images] for s in samples]
+    inputs = prepare(processor, [s.prompt for s in samples], images)
+    want = generate_answers(reference, processor, inputs, 12, stop=sorted(engine.stop_ids))
+    assert [g.text.strip() for g in got] == want
+    if which == "pretrained dense":  # real answers, ending at a stop token at different steps
+        assert want[0].startswith("They are") and {g.finish_reason for g in got} == {"stop"}
+        assert len({len(g.tokens) for g in got}) > 1
+    else:
+        routes = torch.cat([g.routing.expert_ids for g in got])
+        assert torch.equal(routes, reference.awaker_state.current.expert_ids)
+        assert len({tuple(r) for r in routes[:, :, 0].tolist()}) > 1, "the batch should mix routes"
+
+
+def test_eval_bad_device_and_dtype(neutral_data, capsys):
+    for option, value, message in (("--dtype", "fp8", "--dtype must be one of"), ("--device", "tpu", "--device must be")):
+        assert run(["eval", str(tiny_base_path()), "--data", str(neutral_data), option, value]) == 2
+        assert message in capsys.readouterr().err

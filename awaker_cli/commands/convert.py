@@ -6,9 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
-from ..cli import app, print_json
-from ..ops.convert import DEFAULT_ALPHA, plan_convert, run_convert
+from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
 from ..progress import print_rows, progress_bar, stderr
 
 
@@ -20,9 +18,9 @@ def convert(
     base: str = typer.Option(None, "--base", help="The Qwen2-VL-7B-Instruct directory the release was trained "
                                                  "from: config.json and the tokenizer/processor files come from "
                                                  "it (required)."),
-    alpha: float = typer.Option(DEFAULT_ALPHA, help="The release's LoRA alpha; adapters are scaled by alpha/r "
-                                                    "(r is read from the tensor shapes)."),
-    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    alpha: float = typer.Option(512.0, help="The release's LoRA alpha; adapters are scaled by alpha/r "
+                                            "(r is read from the tensor shapes)."),  # = ops.convert.DEFAULT_ALPHA (tested)
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the file and print what would be written; "
                                                           "write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -34,6 +32,9 @@ def convert(
     streamed tensor by tensor), stacks its LoRA experts and routers into the awaker layout and writes a
     directory that computes what the release computes (p²·expert + (1−p)·global, top-1).
     """
+    from ..checkpoint import check_output_dir, parse_size
+    from ..ops.convert import plan_convert, run_convert
+
     shard_size = parse_size(max_shard_size)
     if not dry_run:
         check_output_dir(out, force)  # fail before any work

@@ -1,6 +1,7 @@
 """`awaker eval MODEL --data FILE`: per-task exact match, format compliance and routing statistics."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
@@ -20,17 +21,22 @@ def eval_(
     limit: int = typer.Option(0, help="Evaluate only the first N records (0: all)."),
     predictions: Path = typer.Option(None, "--predictions", help="Write one JSON line per sample here "
                                                                  "(index, task, question, answer, prediction)."),
+    device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when a GPU is visible)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (bf16 on a GPU, fp32 on the CPU), "
+                                                     "bf16, fp16 or fp32."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
-    """Answer every sample greedily (batched) and score the answers per task: exact match, format
-    compliance (the answer is in its task's format) and their macro averages; for a LoRA-MoE model
-    also the expert histogram per task and routing purity. Runs offline."""
+    """Answer every sample greedily (batched, with the engine `awaker chat` uses) and score the answers
+    per task: exact match, format compliance (the answer is in its task's format) and their macro
+    averages; for a LoRA-MoE model also the expert histogram per task and routing purity. Runs offline."""
     from ..evaluate import evaluate, load_samples, report_table
 
     total = len(load_samples(data, limit or None))
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # quantized exports: load-time notices, as in chat
     with progress_bar("eval", total, unit="samples", enabled=not json_out) as advance:
         result = evaluate(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          predictions=predictions, limit=limit or None, progress=advance)
+                          predictions=predictions, limit=limit or None, device=device, dtype=dtype,
+                          progress=advance)
     if json_out:
         return print_json(result)
     stderr.print(report_table(result))

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, parse_size
-from ..cli import app, print_json
-from ..ops.export import export as run_export
+from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
 from ..progress import progress_bar, stderr
 
 
@@ -28,7 +26,7 @@ def export(
                                                    "on: loss before/after and greedy next-token agreement."),
     batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
-    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and estimated size; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -40,6 +38,9 @@ def export(
     The result loads in `awaker chat`/`eval` and, with bitsandbytes and accelerate installed, in
     transformers' from_pretrained (a baked dense model needs nothing else).
     """
+    from ..checkpoint import parse_size
+    from ..ops.export import export as run_export
+
     r = run_export(model, out, quantize=quantize, double_quant=double_quant, dtype=dtype,
                    quantize_experts=quantize_experts, data=data, batch_size=batch_size, limit=limit, force=force,
                    dry_run=dry_run, max_shard_size=parse_size(max_shard_size),

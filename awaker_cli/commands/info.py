@@ -5,7 +5,6 @@ import typer
 from rich.table import Table
 
 from ..cli import app, print_json
-from ..ops.info import describe
 from ..progress import stderr
 
 
@@ -15,6 +14,8 @@ def info(
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ):
     """Show architecture, parameters (total and active per token), experts, routers, dtype, size and files."""
+    from ..ops.info import describe
+
     d = describe(path)
     if json_out:
         return print_json(d)

@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, parse_size
-from ..cli import app, print_json
-from ..ops.merge import merge as run_merge
+from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
 from ..progress import progress_bar, stderr
 
 
@@ -28,7 +26,7 @@ def merge(
                                        "an SVD back to rank r."),
     batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
-    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print what would be written."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -41,6 +39,9 @@ def merge(
     awaker merge MODEL OUT --data eval.jsonl    plain dense Qwen2-VL with the routing the data picks most
     awaker merge MODEL OUT --experts 1,3        one expert fewer: 1 and 3 merged, their router rows combined
     """
+    from ..checkpoint import parse_size
+    from ..ops.merge import merge as run_merge
+
     result = run_merge(model, out, expert=expert, p=p, data=data, experts=experts, keep_rank_sum=keep_rank_sum,
                        batch_size=batch_size, limit=limit, force=force, dry_run=dry_run,
                        max_shard_size=parse_size(max_shard_size),

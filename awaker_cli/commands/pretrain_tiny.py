@@ -6,7 +6,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..checkpoint import check_output_dir
 from ..cli import app, print_json
 from ..errors import AwakerError
 from ..progress import progress_bar, stderr
@@ -26,6 +25,7 @@ def pretrain_tiny(
     """Train a tiny Qwen2-VL (vision tower included) from scratch on CPU, on neutral descriptions of
     synthetic images ("There are 3 squares.", "They are red."), until it sees colours, counts, shapes
     and digits. This is how awaker_cli/assets/tiny-base was made (the defaults reproduce it)."""
+    from ..checkpoint import check_output_dir
     from ..synth.pretrain import pretrain
 
     if steps < 1 or batch_size < 1:

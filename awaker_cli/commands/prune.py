@@ -6,9 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, parse_size
-from ..cli import app, print_json
-from ..ops.prune import prune as run_prune
+from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
 from ..progress import progress_bar, stderr
 
 
@@ -25,13 +23,16 @@ def prune(
                                                   "scaling is unchanged)."),
     batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
-    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print what would be removed; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Make a LoRA-MoE model smaller: remove experts the data rarely routes to (their adapter slots and
     router rows) and/or cut the LoRA rank by SVD, reporting the energy kept and the loss change."""
+    from ..checkpoint import parse_size
+    from ..ops.prune import prune as run_prune
+
     r = run_prune(model, out, data=data, min_share=min_share, keep=keep, rank=rank, batch_size=batch_size,
                   limit=limit, force=force, dry_run=dry_run, max_shard_size=parse_size(max_shard_size),
                   bar=functools.partial(progress_bar, enabled=not json_out))

@@ -8,7 +8,6 @@ import typer
 from rich.table import Table
 
 from ..cli import app, print_json
-from ..ops.stats import stats as run_stats
 from ..progress import progress_bar, stderr
 
 
@@ -23,6 +22,8 @@ def stats(
 ):
     """Routing statistics: per router and per task, the share of records each expert gets, the mean
     probability p of the chosen expert, and the router entropy (nats; log E is uniform)."""
+    from ..ops.stats import stats as run_stats
+
     s = run_stats(model, data, batch_size=batch_size, limit=limit,
                   bar=functools.partial(progress_bar, enabled=not json_out))
     if json_out:

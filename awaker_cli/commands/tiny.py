@@ -6,7 +6,6 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..checkpoint import atomic_output_dir, parse_size
 from ..cli import app
 from ..errors import AwakerError
 from ..progress import stderr
@@ -23,6 +22,7 @@ def make_tiny(
 ):
     """Write a tiny random Qwen2-VL (real transformers classes, tokenizer with Qwen's special tokens,
     chat template, image processor). Its weights are random: use it to try the commands, not to chat."""
+    from ..checkpoint import atomic_output_dir, parse_size
     from ..tiny import build_tiny_base
 
     if layout not in ("hub", "v5"):

@@ -6,10 +6,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from ..checkpoint import DEFAULT_SHARD_SIZE, check_output_dir, parse_size
-from ..cli import app, print_json
-from ..model.config import AwakerConfig
-from ..ops.upcycle import plan_upcycle, run_upcycle
+from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
 from ..progress import print_rows, progress_bar, stderr
 
 
@@ -34,7 +31,7 @@ def upcycle(
     combine: str = typer.Option("release", help="release: p²·expert + (1−p)·global (as the public release); "
                                                 "convex: p·expert + (1−p)·global."),
     seed: int = typer.Option(0, help="Seed for the adapters' random initialisation."),
-    max_shard_size: str = typer.Option(str(DEFAULT_SHARD_SIZE), help="Largest shard, in bytes or e.g. 2GB."),
+    max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -44,6 +41,10 @@ def upcycle(
     The base tensors are copied bit for bit; q/k/v get a plain LoRA and o/gate/up/down get routed
     experts plus a global expert, all with B = 0, so the new model computes exactly what the base does.
     """
+    from ..checkpoint import check_output_dir, parse_size
+    from ..model.config import AwakerConfig
+    from ..ops.upcycle import plan_upcycle, run_upcycle
+
     cfg = AwakerConfig(num_experts=experts, rank=rank, alpha=alpha, dropout=dropout, top_k=top_k,
                        global_expert=global_expert, lora_targets=_names(lora_targets),
                        moe_targets=_names(moe_targets), combine=combine).with_moe_targets_only_owners()
