@@ -14,8 +14,8 @@ from ..progress import progress_bar, stderr
 @app.command()
 def stats(
     model: str = typer.Argument(..., help="An awaker model directory."),
-    data: Path = typer.Option(..., "--data", help="A data file in the training format (JSONL with messages, "
-                                                  "images and an optional task field)."),
+    data: Path = typer.Option(..., "--data", help="A data file in a training layout (JSON/JSONL with messages "
+                                                  "+ images, or conversations + image; optional task field)."),
     batch_size: int = typer.Option(4, help="Records per forward pass."),
     limit: int = typer.Option(None, help="Use only the first N records."),
     json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
