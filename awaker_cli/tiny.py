@@ -64,34 +64,46 @@ def build_tokenizer():
     )
 
 
-def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112):
+def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, tokenizer=None):
+    """The real Qwen2-VL processor with Qwen2-VL's chat template (tokenizer: default build_tokenizer())."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     return Qwen2VLProcessor(image_processor=image_processor, video_processor=video_processor,
-                            tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+                            tokenizer=tokenizer or build_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
-def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, intermediate: int = 96):
+def qwen2vl_config(tokenizer, *, hidden: int, layers: int, intermediate: int, heads: int = 4, kv_heads: int = 2,
+                   vocab: int | None = None, vocab_multiple: int = 8, max_positions: int = 2048,
+                   rope_theta: float = 10000.0, vision_depth: int = 1, vision_embed: int = 32, vision_heads: int = 2,
+                   vision_mlp_ratio: int = 2):
+    """A Qwen2VLConfig of the given shapes, with `tokenizer`'s special-token ids. The mrope sections
+    (temporal, height, width) split head_dim / 2 as Qwen2-VL's 16, 24, 24 of 64 do. vocab: default the
+    tokenizer's size rounded up to `vocab_multiple`."""
     from transformers import Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = (len(tokenizer) + 7) // 8 * 8
+    half = hidden // heads // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     return Qwen2VLConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
-            rope_theta=10000.0, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
+            vocab_size=vocab or (len(tokenizer) + vocab_multiple - 1) // vocab_multiple * vocab_multiple,
+            hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, max_position_embeddings=max_positions, rms_norm_eps=1e-6,
+            rope_theta=rope_theta, rope_scaling={"type": "mrope", "mrope_section": section},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision_config=dict(depth=vision_depth, embed_dim=vision_embed, hidden_size=hidden, num_heads=vision_heads,
+                           mlp_ratio=vision_mlp_ratio, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
+
+
+def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, intermediate: int = 96):
+    return qwen2vl_config(tokenizer, hidden=hidden, layers=layers, intermediate=intermediate)
 
 
 def build_tiny_base(out: str | Path, *, layout: str = "hub", max_shard_size: int | None = None,

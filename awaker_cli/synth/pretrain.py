@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
+from .. import tiny
+from ..tiny import SPECIAL_TOKENS, qwen2vl_config
 from .images import COLOURS, GRID, SHAPES, SIZE, Scene, make_image
 from .tasks import NEUTRAL_KINDS, NUMBER_WORDS, TASKS, neutral_qa
 
@@ -85,36 +86,14 @@ def build_tokenizer(vocab_size: int = 640):
 
 
 def build_processor():
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-        video_processor=Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS),
-        tokenizer=build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    return tiny.build_processor(MIN_PIXELS, MAX_PIXELS, tokenizer=build_tokenizer())
 
 
 def base_config(tokenizer, hidden: int = 128, layers: int = 4, intermediate: int = 320,
                 vision_embed: int = 64, vision_depth: int = 2):
-    from transformers import Qwen2VLConfig
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    heads = 4
-    half = hidden // heads // 2  # mrope sections (temporal, height, width) split head_dim / 2
-    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-    return Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=hidden, intermediate_size=intermediate,
-            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0,
-            rope_scaling={"type": "mrope", "mrope_section": section},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=vision_depth, embed_dim=vision_embed, hidden_size=hidden, num_heads=4,
-                           mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    return qwen2vl_config(tokenizer, hidden=hidden, layers=layers, intermediate=intermediate, vocab_multiple=64,
+                          max_positions=1024, vision_depth=vision_depth, vision_embed=vision_embed, vision_heads=4,
+                          vision_mlp_ratio=4)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
