@@ -146,7 +146,8 @@ def test_stage3_gates_frozen_bit_identical(stage3, stage2):
 
 def test_killed_and_resumed_equals_uninterrupted(stage1, data, tmp_path):
     """Stage 2 with dropout, router noise, shuffling and gradient checkpointing: a run killed after
-    step 3 (its last checkpoint is step 2) and re-run with the same command ends bit-identical."""
+    step 3 (its last checkpoint is step 2) and re-run with the same command ends bit-identical, also
+    when the re-run encodes its batches in 2 loader worker processes."""
     def argv(out):
         return ["train", "--recipe", "tiny-stage2", f"init_from={stage1}", f"data.train={data}", f"output_dir={out}",
                 "train.batch_size=2", "train.grad_accum=1", "train.epochs=3", "train.save_steps=2",
@@ -170,7 +171,8 @@ def test_killed_and_resumed_equals_uninterrupted(stage1, data, tmp_path):
     assert not (killed / "model.safetensors").exists()
     state = torch.load(killed / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
     assert {"adapters", "optimizer", "scheduler", "rng", "data"} <= set(state) and state["data"]["step"] == 2
-    assert run(argv(killed)) == 0  # the same command resumes from step 2
+    # the same command resumes from step 2; loader workers (a run-control field) encode the same batches
+    assert run(argv(killed) + ["data.num_workers=2"]) == 0
     a, b = tensors(full), tensors(killed)
     assert a.keys() == b.keys()
     for key in a:
