@@ -78,7 +78,6 @@ def test_each_answer_has_its_format_and_not_its_sibling_style(dataset):
 
 
 def test_images_show_what_the_scene_says():
-    colours = np.array(list(COLOURS.values()), dtype=int)
     for i in range(20):
         image, scene = make_image(f"check/{i}")
         pixels = np.asarray(image, dtype=int)
