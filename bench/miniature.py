@@ -16,6 +16,10 @@ match on held-out questions, mean ± standard deviation over seeds; the conflict
 and how much of it the MoE recovers, (MoE − dense) / (single − dense), from the seed means.
 
     python bench/miniature.py [--seeds 0,1,2] [--epochs 6] [--workdir bench-out/miniature] [--json]
+                              [--arms single,dense,moe] [--routing-span prompt|prompt-text|all]
+
+--arms runs only some model families (the others' columns are left out); --routing-span sets the
+LoRA-MoE's router input rule (default: the recipe's, `prompt`).
 
 Finished seeds are kept in WORKDIR/results.json: re-running with the same settings skips them.
 """
@@ -36,11 +40,13 @@ from awaker_cli.checkpoint import Checkpoint
 from awaker_cli.checkpoint.keys import ROUTER_PREFIX, lm_module_path
 from awaker_cli.demo import demo_recipe
 from awaker_cli.evaluate import evaluate
+from awaker_cli.model.config import SPAN_RULES
 from awaker_cli.synth import TASKS, tiny_base_path, write_dataset
 from awaker_cli.train import train
 from awaker_cli.train.recipe import DEFAULT_MOE_TARGETS, STAGE1_TARGETS, find_recipe, read_yaml
 
 MOE_SPLIT = (0.5, 0.25, 0.25)  # the MoE's epochs per stage
+ARMS = ("single", "dense", "moe")
 
 
 def log(text: str) -> None:
@@ -118,49 +124,55 @@ def run_seed(seed: int, args, work: Path, base: Path, dense_rank: int) -> dict:
         return max(1, round(epochs * records / bs))
 
     common = {"train.batch_size": bs}
-    result: dict = {"seed": seed, "single": {}, "seconds": {}}
+    result: dict = {"seed": seed, "seconds": {}}
 
     # single-task LoRAs, at the dense LoRA's rank
-    t = time.perf_counter()
-    for task, file in train_by_task.items():
-        n = sum(1 for _ in file.open())
-        over = {**common, "adapter.rank": dense_rank, "adapter.alpha": 2 * dense_rank,
-                "train.max_steps": steps(n, args.single_epochs or args.epochs)}
-        run_train(1, base, root / f"single-{task}", file, seed, over)
-        r = evaluate(root / f"single-{task}", test_by_task[task], batch_size=40, max_new_tokens=24)
-        result["single"][task] = r["tasks"][task]["exact_match"]
-        log(f"seed {seed} single-task {task}: {100 * result['single'][task]:.1f}%")
-        if not args.keep:
-            shutil.rmtree(root / f"single-{task}")
-    result["seconds"]["single"] = round(time.perf_counter() - t, 1)
+    if "single" in args.arms:
+        t = time.perf_counter()
+        result["single"] = {}
+        for task, file in train_by_task.items():
+            n = sum(1 for _ in file.open())
+            over = {**common, "adapter.rank": dense_rank, "adapter.alpha": 2 * dense_rank,
+                    "train.max_steps": steps(n, args.single_epochs or args.epochs)}
+            run_train(1, base, root / f"single-{task}", file, seed, over)
+            r = evaluate(root / f"single-{task}", test_by_task[task], batch_size=40, max_new_tokens=24)
+            result["single"][task] = r["tasks"][task]["exact_match"]
+            log(f"seed {seed} single-task {task}: {100 * result['single'][task]:.1f}%")
+            if not args.keep:
+                shutil.rmtree(root / f"single-{task}")
+        result["seconds"]["single"] = round(time.perf_counter() - t, 1)
 
     # the multi-task dense LoRA with the MoE's parameter count
-    t = time.perf_counter()
-    over = {**common, "adapter.rank": dense_rank, "adapter.alpha": 2 * dense_rank,
-            "train.max_steps": steps(args.n_train, args.epochs)}
-    run_train(1, base, root / "dense", train_file, seed, over)
-    r = evaluate(root / "dense", test_file, batch_size=40, max_new_tokens=24)
-    result["dense"], result["dense_format"] = exact(r), r["macro"]["format"]
-    result["dense_params"] = saved_trainable(root / "dense")
-    result["seconds"]["dense"] = round(time.perf_counter() - t, 1)
-    log(f"seed {seed} dense (rank {dense_rank}): macro {100 * r['macro']['exact_match']:.1f}%")
+    if "dense" in args.arms:
+        t = time.perf_counter()
+        over = {**common, "adapter.rank": dense_rank, "adapter.alpha": 2 * dense_rank,
+                "train.max_steps": steps(args.n_train, args.epochs)}
+        run_train(1, base, root / "dense", train_file, seed, over)
+        r = evaluate(root / "dense", test_file, batch_size=40, max_new_tokens=24)
+        result["dense"], result["dense_format"] = exact(r), r["macro"]["format"]
+        result["dense_params"] = saved_trainable(root / "dense")
+        result["seconds"]["dense"] = round(time.perf_counter() - t, 1)
+        log(f"seed {seed} dense (rank {dense_rank}): macro {100 * r['macro']['exact_match']:.1f}%")
 
     # the 3-stage LoRA-MoE
-    t = time.perf_counter()
-    source = base
-    for stage, share in zip((1, 2, 3), MOE_SPLIT):
-        over = {**common, "train.max_steps": steps(args.n_train, args.epochs * share)}
-        if stage == 1:
-            over.update({"adapter.rank": args.rank, "adapter.alpha": 2 * args.rank})
-        run_train(stage, source, root / f"moe-stage{stage}", train_file, seed, over)
-        source = root / f"moe-stage{stage}"
-    r = evaluate(source, test_file, batch_size=40, max_new_tokens=24)
-    result["moe"], result["moe_format"] = exact(r), r["macro"]["format"]
-    result["moe_purity"] = r["routing"]["purity"]
-    result["moe_params"] = saved_trainable(root / "moe-stage2")
-    result["seconds"]["moe"] = round(time.perf_counter() - t, 1)
-    log(f"seed {seed} LoRA-MoE: macro {100 * r['macro']['exact_match']:.1f}%, routing purity "
-        f"{100 * r['routing']['purity']:.1f}%")
+    if "moe" in args.arms:
+        t = time.perf_counter()
+        source = base
+        for stage, share in zip((1, 2, 3), MOE_SPLIT):
+            over = {**common, "train.max_steps": steps(args.n_train, args.epochs * share)}
+            if stage == 1:
+                over.update({"adapter.rank": args.rank, "adapter.alpha": 2 * args.rank})
+            if stage == 2 and args.routing_span:  # stage 3 keeps stage 2's architecture
+                over["adapter.routing_span"] = args.routing_span
+            run_train(stage, source, root / f"moe-stage{stage}", train_file, seed, over)
+            source = root / f"moe-stage{stage}"
+        r = evaluate(source, test_file, batch_size=40, max_new_tokens=24)
+        result["moe"], result["moe_format"] = exact(r), r["macro"]["format"]
+        result["moe_purity"] = r["routing"]["purity"]
+        result["moe_params"] = saved_trainable(root / "moe-stage2")
+        result["seconds"]["moe"] = round(time.perf_counter() - t, 1)
+        log(f"seed {seed} LoRA-MoE: macro {100 * r['macro']['exact_match']:.1f}%, routing purity "
+            f"{100 * r['routing']['purity']:.1f}%")
     if not args.keep:
         shutil.rmtree(root)
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
@@ -172,47 +184,56 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def aggregate(seeds: list[dict]) -> dict:
+def aggregate(seeds: list[dict], arms=ARMS) -> dict:
+    """Per task (and macro): mean ± sd of each arm run; the gap columns only when all three ran."""
     tasks = list(TASKS)
     rows = {}
     for task in [*tasks, "macro"]:
         row = {}
-        for kind in ("single", "dense", "moe"):
+        for kind in arms:
             if task == "macro":
                 vals = [statistics.fmean(s[kind][t] for t in tasks) for s in seeds]
             else:
                 vals = [s[kind][task] for s in seeds]
             row[kind] = mean_sd(vals)
-        gap = row["single"][0] - row["dense"][0]
-        gain = row["moe"][0] - row["dense"][0]
-        row["gap"], row["moe_gain"] = gap, gain
-        # recovery is a share of a positive gap; with no gap (or dense ahead of single-task) there is
-        # nothing to recover and the ratio would mislead
-        row["recovered"] = gain / gap if gap > 0.005 else None
+        if all(kind in row for kind in ARMS):
+            gap = row["single"][0] - row["dense"][0]
+            gain = row["moe"][0] - row["dense"][0]
+            row["gap"], row["moe_gain"] = gap, gain
+            # recovery is a share of a positive gap; with no gap (or dense ahead of single-task) there is
+            # nothing to recover and the ratio would mislead
+            row["recovered"] = gain / gap if gap > 0.005 else None
         rows[task] = row
     return rows
 
 
-def markdown(rows: dict, seeds: list[dict], dense_rank: int, rank: int, params: dict, budget: str) -> str:
+def markdown(rows: dict, seeds: list[dict], dense_rank: int, rank: int, params: dict, budget: str,
+             span_rule: str = "prompt") -> str:
     def ms(pair):
         return f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
 
-    header = (f"| task | single-task LoRA (r={dense_rank}) | multi-task dense LoRA (r={dense_rank}) | "
-              f"LoRA-MoE (4+1 experts, r={rank}) | gap: single − dense | MoE − dense | gap recovered |")
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"single": f"single-task LoRA (r={dense_rank})", "dense": f"multi-task dense LoRA (r={dense_rank})",
+             "moe": f"LoRA-MoE (4+1 experts, r={rank})"}
+    arms = [k for k in ARMS if k in rows["macro"]]
+    gaps = "gap" in rows["macro"]
+    columns = [names[k] for k in arms] + (["gap: single − dense", "MoE − dense", "gap recovered"] if gaps else [])
+    lines = ["| task | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for task, row in rows.items():
-        rec = f"{100 * row['recovered']:.0f}%" if row["recovered"] is not None else \
-            "n/a (no gap)" if abs(row["gap"]) <= 0.005 else "n/a (dense ahead)"
+        cells = [ms(row[k]) for k in arms]
+        if gaps:
+            rec = f"{100 * row['recovered']:.0f}%" if row["recovered"] is not None else \
+                "n/a (no gap)" if abs(row["gap"]) <= 0.005 else "n/a (dense ahead)"
+            cells += [f"{100 * row['gap']:+.1f}", f"{100 * row['moe_gain']:+.1f}", rec]
         name = f"**{task}**" if task == "macro" else task
-        lines.append(f"| {name} | {ms(row['single'])} | {ms(row['dense'])} | {ms(row['moe'])} | "
-                     f"{100 * row['gap']:+.1f} | {100 * row['moe_gain']:+.1f} | {rec} |")
-    purity = mean_sd([s["moe_purity"] for s in seeds])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     note = (f"Exact match % on held-out questions, mean ± standard deviation over {len(seeds)} seed(s) "
             f"({', '.join(str(s['seed']) for s in seeds)}). Trainable parameters: LoRA-MoE "
-            f"{params['moe']:,} (stage 2), dense LoRA {params['dense']:,} (rank {dense_rank}). {budget} "
-            f"LoRA-MoE routing purity {100 * purity[0]:.1f} ± {100 * purity[1]:.1f}% "
-            "(one expert for everything: 12.5%; at most 50% with 4 experts for 8 tasks). "
-            f"Training and evaluation took {sum(s['seconds']['total'] for s in seeds):.0f} s of CPU in all.")
+            f"{params['moe']:,} (stage 2), dense LoRA {params['dense']:,} (rank {dense_rank}). {budget} ")
+    if "moe" in arms:
+        purity = mean_sd([s["moe_purity"] for s in seeds])
+        note += (f"LoRA-MoE routing span rule {span_rule}, routing purity {100 * purity[0]:.1f} ± "
+                 f"{100 * purity[1]:.1f}% (one expert for everything: 12.5%; at most 50% with 4 experts for 8 tasks). ")
+    note += f"Training and evaluation took {sum(s['seconds']['total'] for s in seeds):.0f} s of CPU in all."
     lines += ["", note]
     return "\n".join(lines)
 
@@ -232,7 +253,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest at this size)")
     ap.add_argument("--keep", action="store_true", help="keep the trained models under WORKDIR")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of markdown")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma list of the model families to run: "
+                    "single, dense, moe (default all; the gap columns need all three)")
+    ap.add_argument("--routing-span", choices=SPAN_RULES, default=None,
+                    help="the LoRA-MoE's routing span rule (default: the recipe's, prompt)")
     args = ap.parse_args(argv)
+    wanted = {a.strip() for a in args.arms.split(",") if a.strip()}
+    if not wanted or not wanted <= set(ARMS):
+        ap.error(f"--arms: a comma list of {', '.join(ARMS)}, got {args.arms!r}")
+    args.arms = tuple(k for k in ARMS if k in wanted)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     base = tiny_base_path()
@@ -251,6 +280,11 @@ def main(argv=None) -> int:
                 if k in ("epochs", "single_epochs", "n_train", "n_test", "batch_size", "rank")}
     settings["recipes"] = {f"demo-stage{i}": read_yaml(find_recipe(f"demo-stage{i}")) for i in (1, 2, 3)}
     # the shipped base's weights identify it: results of another base are not mixed in
+    # only when not the defaults, so results saved before these options existed still count
+    if args.arms != ARMS:
+        settings["arms"] = list(args.arms)
+    if args.routing_span:
+        settings["routing_span"] = args.routing_span
     settings["base_sha256"] = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(base.glob("*.safetensors")))).hexdigest()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results_file = args.workdir / "results.json"
@@ -263,14 +297,14 @@ def main(argv=None) -> int:
             log(f"seed {seed}: done before, kept from {results_file}")
             continue
         result = run_seed(seed, args, args.workdir, base, dense_rank)
-        if result["moe_params"] != moe_params or result["dense_params"] != params["dense"]:
+        if result.get("moe_params", moe_params) != moe_params or result.get("dense_params", params["dense"]) != params["dense"]:
             raise SystemExit(f"parameter count mismatch: computed MoE {moe_params} dense {params['dense']}, "
-                             f"trained {result['moe_params']} / {result['dense_params']}")
+                             f"trained {result.get('moe_params')} / {result.get('dense_params')}")
         saved["seeds"][str(seed)] = result
         results_file.write_text(json.dumps(saved, indent=2) + "\n")
         log(f"seed {seed} done in {result['seconds']['total']:.0f} s")
     done = [saved["seeds"][str(s)] for s in seeds]
-    rows = aggregate(done)
+    rows = aggregate(done, args.arms)
     wall = time.perf_counter() - started
     if args.json:
         print(json.dumps({"settings": settings, "dense_rank": dense_rank, "params": params, "rows": rows,
@@ -282,7 +316,7 @@ def main(argv=None) -> int:
                   + " + ".join(str(round(args.epochs * f * args.n_train / args.batch_size)) for f in MOE_SPLIT)
                   + f" steps (stages 1-3), each single-task LoRA {round(single * per_task / args.batch_size)} steps "
                   f"on its {per_task} records; batch {args.batch_size}.")
-        print(markdown(rows, done, dense_rank, args.rank, params, budget))
+        print(markdown(rows, done, dense_rank, args.rank, params, budget, args.routing_span or "prompt"))
         log(f"wall time of this run {wall:.0f} s (seeds done before are not re-run)")
     return 0
 

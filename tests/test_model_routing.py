@@ -1,11 +1,15 @@
 """The whole model: routing per sequence, once per request, reused by every decode step."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoProcessor
 
-from awaker_cli.model import load_model
+from awaker_cli.generate import Engine, SamplingParams
+from awaker_cli.model import SpanTokens, load_model, span_mean
+from awaker_cli.train.data import Encoder, collate, read_records
 
 from .conftest import chat_inputs, randomize_adapters, solid
 
@@ -74,3 +78,64 @@ def test_fixed_routing_overrides(trained_like):
     finally:
         model.awaker_state.fixed = None
     assert not torch.allclose(swapped, model(**batch).logits)
+
+
+def prompt_text_model(path):
+    """tiny_moe with trained-like adapters, routed by the prompt-text span rule."""
+    model = load_model(path)
+    randomize_adapters(model, seed=3, scale=0.5)
+    model.awaker_config = dataclasses.replace(model.awaker_config, routing_span="prompt-text")
+    return model
+
+
+@torch.no_grad()
+def test_prompt_text_routes_alike_through_training_spans_and_the_hook(tiny_moe, tiny_records):
+    model = prompt_text_model(tiny_moe)
+    processor = AutoProcessor.from_pretrained(tiny_moe)
+    ids = model.awaker_config.span_token_ids
+    encoder = Encoder(processor, cutoff_len=None, span_rule="prompt-text", min_pixels=56 * 56, max_pixels=112 * 112,
+                      span_tokens=SpanTokens(ids["vision_start"], ids["im_start"], ids["im_end"]))
+    records, _ = read_records([tiny_records])
+    batch = collate([encoder(r) for r in records[:8]], processor.tokenizer.pad_token_id or 0)  # right-padded
+    batch.pop("labels")
+    spans = batch.pop("spans")
+    seen = {}
+    hooks = [model.model.language_model.register_forward_pre_hook(
+                 lambda m, a, kw: seen.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True),
+             model.awaker_routers.register_forward_hook(lambda m, a, out: seen.__setitem__("mean", a[0]))]
+    try:
+        model.awaker_state.spans = spans  # as training passes its Encoder's spans
+        model(**batch)
+        trained, trained_mean = model.awaker_state.current, seen["mean"]
+        model(**batch)  # the hook finds the spans itself, as chat and eval do
+    finally:
+        for h in hooks:
+            h.remove()
+    hooked, embeds = model.awaker_state.current, seen["embeds"]
+    assert torch.equal(trained_mean, seen["mean"])
+    assert torch.equal(trained.expert_ids, hooked.expert_ids) and torch.equal(trained.probs, hooked.probs)
+    # by hand: the mean over the span's non-padding tokens that are not image tokens
+    image = batch["input_ids"] == model.config.image_token_id
+    prompt_mean = span_mean(embeds, spans, batch["attention_mask"])  # the prompt rule, image tokens included
+    for b, (start, end) in enumerate(spans.tolist()):
+        keep = [t for t in range(start, end) if batch["attention_mask"][b, t] and not image[b, t]]
+        torch.testing.assert_close(seen["mean"][b], embeds[b, keep].float().mean(0))
+        if image[b].any():
+            assert not torch.allclose(seen["mean"][b], prompt_mean[b])
+        else:  # a text-only record: the prompt rule's mean exactly
+            assert torch.equal(seen["mean"][b], prompt_mean[b])
+    assert image.any(1).sum() not in (0, len(spans)), "the test needs records with and without images"
+
+
+def test_prompt_text_engine_prefill_routes_as_the_model(tiny_moe):
+    processor = AutoProcessor.from_pretrained(tiny_moe)
+    reference = prompt_text_model(tiny_moe)
+    engine = Engine(prompt_text_model(tiny_moe), processor)
+    requests = [[{"role": "user", "content": [{"type": "image", "image": IMAGES[0]}, {"type": "text", "text": p}]}]
+                for p in PROMPTS[:2]] + PROMPTS[2:]  # left-padded, with and without images
+    gens = engine.generate(requests, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    with torch.no_grad():
+        for request, g in zip(requests, gens):
+            reference(**engine.encode([request]))
+            assert torch.equal(g.routing.expert_ids, reference.awaker_state.current.expert_ids)
+            torch.testing.assert_close(g.routing.probs, reference.awaker_state.current.probs)

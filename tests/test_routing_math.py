@@ -1,10 +1,16 @@
 """The layers and routers against a direct evaluation of DESIGN.md section 1's formulas."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from awaker_cli.errors import AwakerError
 from awaker_cli.model import MoELoRALinear, RouterBank, Routing, RoutingState, SpanTokens, routing_spans, span_mean
+from awaker_cli.model.config import SPAN_RULES, AwakerConfig
+from awaker_cli.model.routing import image_tokens
+from awaker_cli.train.recipe import load_recipe
 
 
 def direct_router(x, norm_w, gate_w, gate_b, eps, temperature):
@@ -93,3 +99,63 @@ def test_span_mean_is_the_mean_over_the_span():
     m = span_mean(embeds, spans)
     torch.testing.assert_close(m[0], embeds[0, 1:4].mean(0))
     torch.testing.assert_close(m[1], embeds[1].mean(0))
+
+
+# Token ids of the toy sequences below: pad 0, <|im_start|> 1, <|im_end|> 2, <|vision_start|> 3,
+# <|vision_end|> 4, <|image_pad|> 6; the rest is text.
+IMAGE_PAD = 6
+TOY_CONFIG = SimpleNamespace(image_token_id=IMAGE_PAD, video_token_id=None)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_prompt_text_span_leaves_image_tokens_out(padding):
+    tok = SpanTokens(vision_start=3, im_start=1, im_end=2)
+    with_image = [1, 9, 9, 2, 1, 8, 7, 3, 6, 6, 6, 4, 9, 5, 2, 1, 5, 7]
+    text_only = [1, 9, 9, 2, 1, 8, 7, 9, 5, 8, 2, 1, 5, 7]
+    rows = [with_image, text_only]
+    length = max(map(len, rows))
+    pad = [[0] * (length - len(r)) for r in rows]
+    ids = torch.tensor([p + r if padding == "left" else r + p for p, r in zip(pad, rows)])
+    mask = (ids != 0).long()
+    spans = routing_spans(ids, mask, tok, rule="prompt-text")
+    assert torch.equal(spans, routing_spans(ids, mask, tok, rule="prompt"))  # the same range
+    embeds = torch.randn(2, length, 8)
+    skip = image_tokens(ids, TOY_CONFIG)
+    m = span_mean(embeds, spans, mask, skip)
+    # by hand: the with-image row's prompt is <|vision_start|> pad pad pad <|vision_end|> 9 5; its text
+    # tokens are all but the three pads (the vision markers stay: they carry no image features)
+    off = [len(p) if padding == "left" else 0 for p in pad]
+    keep0 = [off[0] + i for i in (7, 11, 12, 13)]
+    keep1 = [off[1] + i for i in (6, 7, 8, 9)]  # no image: the prompt rule's user text, unchanged
+    torch.testing.assert_close(m[0], embeds[0, keep0].mean(0))
+    torch.testing.assert_close(m[1], embeds[1, keep1].mean(0))
+    # the text-only row is exactly what the prompt rule gives
+    assert torch.equal(m[1], span_mean(embeds, spans, mask)[1])
+
+
+def test_span_mean_without_skips_is_bit_identical():
+    embeds = torch.randn(3, 7, 5, dtype=torch.bfloat16)
+    spans = torch.tensor([[1, 4], [0, 7], [2, 6]])
+    mask = torch.ones(3, 7, dtype=torch.long)
+    none = torch.zeros(3, 7, dtype=torch.bool)
+    assert torch.equal(span_mean(embeds, spans, mask), span_mean(embeds, spans, mask, none))
+
+
+def test_image_tokens_read_ids_from_the_config():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert image_tokens(ids, SimpleNamespace(image_token_id=6, video_token_id=8)).tolist() == [[False, True, False, True]]
+    assert image_tokens(ids, SimpleNamespace(image_token_id=7)).tolist() == [[False, False, True, False]]
+
+
+def test_unknown_span_rule_is_refused():
+    with pytest.raises(AwakerError, match="unknown routing span rule"):
+        routing_spans(torch.tensor([[1, 2]]), None, SpanTokens(3, 1, 2), rule="text")
+
+
+def test_recipes_and_configs_accept_prompt_text():
+    assert "prompt-text" in SPAN_RULES
+    r = load_recipe("demo-stage2", ["adapter.routing_span=prompt-text"])
+    assert r.adapter.routing_span == "prompt-text"
+    assert AwakerConfig(routing_span="prompt-text").validate().routing_span == "prompt-text"
+    with pytest.raises(AwakerError, match="routing_span"):
+        load_recipe("demo-stage2", ["adapter.routing_span=text"])

@@ -13,7 +13,7 @@ from ..checkpoint.reader import Checkpoint
 from ..errors import AwakerError
 from .config import AwakerConfig
 from .layers import LoRALinear, MoELoRALinear, RouterBank
-from .routing import Routing, RoutingState, SpanTokens, routing_spans, span_mean
+from .routing import Routing, RoutingState, SpanTokens, image_tokens, routing_spans, span_mean
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -96,14 +96,21 @@ def _span_tokens(model) -> SpanTokens:
 def route(model, input_ids, attention_mask, embeds) -> Routing:
     """Every router of `model` on the mean of `embeds` (the language model's input embeddings, image
     features substituted) over each sequence's span: explicit `awaker_state.spans` if set (they serve
-    one prefill only), else the span rule applied to input_ids."""
+    one prefill only), else the span rule applied to input_ids. The prompt-text rule leaves the image
+    tokens out of the mean here, in every path (training's explicit spans are the prompt range)."""
     state = model.awaker_state
+    rule = model.awaker_config.routing_span
     spans, state.spans = state.spans, None
     if spans is None:
         if input_ids is None:
             raise AwakerError("routing needs input_ids (or explicit spans) to find the prompt span")
-        spans = routing_spans(input_ids, attention_mask, _span_tokens(model), model.awaker_config.routing_span)
-    return model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask))
+        spans = routing_spans(input_ids, attention_mask, _span_tokens(model), rule)
+    skip = None
+    if rule == "prompt-text":
+        if input_ids is None:
+            raise AwakerError("the prompt-text routing span needs input_ids to find the image tokens")
+        skip = image_tokens(input_ids, model.config)
+    return model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask, skip))
 
 
 def _install_routing_hooks(model):

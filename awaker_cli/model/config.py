@@ -15,7 +15,9 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 COMBINE_MODES = ("release", "convex")
-SPAN_RULES = ("prompt", "all")
+# prompt: DESIGN.md's span; prompt-text: that span without its image tokens (the router then sees the
+# question, not mostly the picture); all: every token.
+SPAN_RULES = ("prompt", "prompt-text", "all")
 
 
 def _release_router_owners() -> dict[str, str]:
@@ -40,7 +42,7 @@ class AwakerConfig:
     router_owners: dict[str, str] = field(default_factory=_release_router_owners)
     # release: y = Wx + p²·E + (1−p)·G (what the public release computes); convex: p·E + (1−p)·G.
     combine: str = "release"
-    # prompt: DESIGN.md's span (from <|vision_start|> or the user turn to its <|im_end|>); all: every token.
+    # One of SPAN_RULES; prompt: DESIGN.md's span (from <|vision_start|> or the user turn to its <|im_end|>).
     routing_span: str = "prompt"
     # Token ids the span rule looks for, read from the base's config and tokenizer at upcycle time.
     span_token_ids: dict[str, int] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AwakerError
+from .config import SPAN_RULES
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,14 @@ def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
                   rule: str = "prompt") -> torch.Tensor:
     """[B, 2] half-open spans [start, end) per DESIGN.md section 1.
 
-    prompt: start = first <|vision_start|> if the sample has an image, else 2nd <|im_start|> + 2;
-            end = 2nd <|im_end|>. A sample without that chat structure falls back to all its tokens.
-    all:    every non-padding token.
+    prompt:      start = first <|vision_start|> if the sample has an image, else 2nd <|im_start|> + 2;
+                 end = 2nd <|im_end|>. A sample without that chat structure falls back to all its tokens.
+    prompt-text: the range of prompt; its image tokens are left out of the mean later, by span_mean's
+                 `skip` (see image_tokens), so precomputed training spans stay plain ranges.
+    all:         every non-padding token.
     """
+    if rule not in SPAN_RULES:
+        raise AwakerError(f"unknown routing span rule {rule!r}; choose from {', '.join(SPAN_RULES)}")
     batch, length = input_ids.shape
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     first_valid = _nth(valid, 1).clamp(min=0)
@@ -49,12 +54,24 @@ def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return torch.stack([start, end], dim=1)
 
 
-def span_mean(embeds: torch.Tensor, spans: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of embeds [B, T, H] over each row's span (and its attention mask), summed in fp32."""
+def image_tokens(input_ids: torch.Tensor, model_config) -> torch.Tensor:
+    """[B, T] bool: the image (and video) placeholder tokens, whose input embeddings are the vision
+    tower's features; their ids come from the model's config."""
+    ids = [getattr(model_config, name, None) for name in ("image_token_id", "video_token_id")]
+    ids = torch.tensor([i for i in ids if i is not None], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, ids)
+
+
+def span_mean(embeds: torch.Tensor, spans: torch.Tensor, attention_mask: torch.Tensor | None = None,
+              skip: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of embeds [B, T, H] over each row's span (and its attention mask), summed in fp32.
+    skip [B, T] bool: positions left out of the mean (the prompt-text rule's image tokens)."""
     pos = torch.arange(embeds.shape[1], device=embeds.device)
     mask = (pos[None] >= spans[:, :1]) & (pos[None] < spans[:, 1:])
     if attention_mask is not None:
         mask &= attention_mask.bool()
+    if skip is not None:
+        mask &= ~skip.to(mask.device)
     weights = mask.float()
     total = torch.einsum("bth,bt->bh", embeds.float(), weights)
     return (total / weights.sum(1, keepdim=True).clamp(min=1)).to(embeds.dtype)
