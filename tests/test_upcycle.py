@@ -79,6 +79,14 @@ def test_dry_run_writes_nothing(tiny_base, tmp_path, capsys):
     assert plan["adapter_tensors"] == 2 * (3 * 2 + 4 * 2) + 3
 
 
+def test_routing_span_rule_chosen_at_upcycle(tiny_base, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--routing-span", "prompt-text"]) == 0
+    assert AwakerConfig.load(out).routing_span == "prompt-text"
+    assert run(["upcycle", str(tiny_base), str(tmp_path / "bad"), "--routing-span", "text"]) == 2
+    assert "routing_span must be one of prompt, prompt-text, all" in capsys.readouterr().err
+
+
 def test_info_reports_parameters(tiny_moe, capsys):
     assert run(["info", str(tiny_moe), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

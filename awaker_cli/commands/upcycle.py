@@ -30,6 +30,9 @@ def upcycle(
                                     help="Linears that get routed experts (comma list). up/down share gate's router."),
     combine: str = typer.Option("release", help="release: p²·expert + (1−p)·global (as the public release); "
                                                 "convex: p·expert + (1−p)·global."),
+    routing_span: str = typer.Option("prompt", help="What each router averages: prompt (the prompt span, as the "
+                                                    "release), prompt-text (the same without its image tokens) "
+                                                    "or all (every token)."),
     seed: int = typer.Option(0, help="Seed for the adapters' random initialisation."),
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
@@ -47,7 +50,8 @@ def upcycle(
 
     cfg = AwakerConfig(num_experts=experts, rank=rank, alpha=alpha, dropout=dropout, top_k=top_k,
                        global_expert=global_expert, lora_targets=_names(lora_targets),
-                       moe_targets=_names(moe_targets), combine=combine).with_moe_targets_only_owners()
+                       moe_targets=_names(moe_targets), combine=combine,
+                       routing_span=routing_span).with_moe_targets_only_owners()
     if not dry_run:
         check_output_dir(out, force)  # fail before any work, not after the progress bar starts
     plan = plan_upcycle(base, cfg, parse_size(max_shard_size))
@@ -71,7 +75,7 @@ def _print_plan(s: dict):
         ("adapter tensors", f"{s['adapter_tensors']:,} ({s['adapter_params']:,} parameters, "
                             f"{s['adapter_bytes']:,} bytes, {s['adapter_dtype']})"),
         ("experts", f"{c['num_experts']} routed{' + global' if c['global_expert'] else ''}, top-{c['top_k']}, "
-                    f"rank {c['rank']}, alpha {c['alpha']:g}, combine {c['combine']}"),
+                    f"rank {c['rank']}, alpha {c['alpha']:g}, combine {c['combine']}, span {c['routing_span']}"),
         ("LoRA targets", ", ".join(c["lora_targets"]) or "-"),
         ("MoE targets", ", ".join(c["moe_targets"])),
         ("shards", str(s["shards"])),
