@@ -6,7 +6,8 @@ run is a fresh subprocess, so its peak RSS (ru_maxrss) is its own.
 
     python bench/upcycle.py [--gb 2] [--shard-mb 500] [--rank 16] [--repeats 2] [--json]
 
-Goals (issue 2): upcycle ≤ 1.3× the copy time; peak RSS ≤ one shard + 300 MB.
+Goals (issue 2): upcycle ≤ 1.3× the copy time; peak RSS ≤ one shard + 300 MB. Times are the best of
+--repeats fresh processes (medians beside them), with the page cache's dirty pages written back first.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ if mode == "copy":
     import shutil; shutil.copytree(src, dst)
 else:
     from awaker_cli.cli import run
-    import awaker_cli.commands  # what the CLI imports (torch among it) before it starts working
+    import awaker_cli.commands, awaker_cli.ops.upcycle  # the CLI, and what upcycle imports (torch among it)
     started = time.perf_counter()
     code = run(["upcycle", src, dst, "--rank", sys.argv[4], "--max-shard-size", sys.argv[5], "--json"])
     assert code == 0, code
@@ -78,6 +79,7 @@ def build_checkpoint(path: Path, gb: float, shard_bytes: int):
 def timed(mode: str, src: Path, dst: Path, rank: int, shard_bytes: int) -> tuple[float, float, int]:
     """(seconds in all, seconds after imports, peak RSS bytes) of one fresh process."""
     shutil.rmtree(dst, ignore_errors=True)
+    os.sync()  # the previous run's dirty pages are written back now, not during this run
     out = subprocess.run([sys.executable, "-c", CHILD, mode, str(src), str(dst), str(rank), str(shard_bytes)],
                          check=True, capture_output=True, text=True).stdout.split()
     return float(out[-3]), float(out[-2]), int(out[-1])
@@ -102,14 +104,17 @@ def main():
         copies.append(timed("copy", src, work / "copy", args.rank, shard))
         upcycles.append(timed("upcycle", src, work / "moe", args.rank, shard))
     out_bytes = sum(f.stat().st_size for f in (work / "moe").glob("*.safetensors"))
-    copy_s = statistics.median(t for t, _, _ in copies)
-    up_s = statistics.median(t for t, _, _ in upcycles)
-    work_s = statistics.median(w for _, w, _ in upcycles)
+    # Best of the repeats: on a shared disk, noise (other jobs' writeback) only ever adds time.
+    copy_s = min(t for t, _, _ in copies)
+    up_s = min(t for t, _, _ in upcycles)
+    work_s = min(w for _, w, _ in upcycles)
     rss = max(r for _, _, r in upcycles)
     result = {
         "base_bytes": base_bytes, "shards": len(list(src.glob("*.safetensors"))), "shard_bytes": shard,
         "output_bytes": out_bytes, "rank": args.rank, "copy_s": round(copy_s, 2), "upcycle_s": round(up_s, 2),
         "upcycle_after_imports_s": round(work_s, 2), "ratio": round(up_s / copy_s, 2),
+        "copy_s_median": round(statistics.median(t for t, _, _ in copies), 2),
+        "upcycle_s_median": round(statistics.median(t for t, _, _ in upcycles), 2),
         "ratio_after_imports": round(work_s / copy_s, 2),
         "upcycle_peak_rss_mb": round(rss / 1e6), "copy_peak_rss_mb": round(max(r for _, _, r in copies) / 1e6),
         "rss_goal_mb": round((shard + 300e6) / 1e6), "cpus": os.cpu_count(),
