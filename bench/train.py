@@ -13,6 +13,7 @@ ceiling of issue 5 (35.4 GFLOP a token: about 27k tokens/s on an H100 at 989 den
     python bench/train.py                  # one H100 (the whole 7B stage-2 state must fit: ~65 GB)
     python bench/train.py --layers 14      # half the layers, if it does not
     python bench/train.py --smoke          # the tiny model on the CPU: checks that the harness runs
+    python bench/train.py --cpu --layers 1 --seq 128 --prompt 32 --steps 1 --warmup 1   # the 7B widths, CPU
     python bench/train.py --json out.json  # also write the numbers
 
 Record results with device, date and command in bench/RESULTS.md.
@@ -75,6 +76,9 @@ def make_batch(batch: int, seq: int, prompt: int, vocab: int, device) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks that the harness runs")
+    ap.add_argument("--cpu", action="store_true", help="the 7B shapes on the CPU (slow; use with --layers 1 "
+                                                       "--seq 128 --prompt 32: checks the real shapes, measures "
+                                                       "nothing)")
     ap.add_argument("--seq", type=int, help="tokens a sample (default 2048; smoke 64)")
     ap.add_argument("--prompt", type=int, help="routing-span tokens at the start of each sample (default 256)")
     ap.add_argument("--batch", type=int, default=1, help="samples a step")
@@ -88,11 +92,13 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     smoke = args.smoke
-    device = torch.device("cpu" if smoke else "cuda")
-    if not smoke and not torch.cuda.is_available():
+    device = torch.device("cpu" if smoke or args.cpu else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/train.py needs a CUDA GPU (or --smoke for the CPU check)")
     seq, prompt = args.seq or (64 if smoke else 2048), args.prompt or (16 if smoke else 256)
     rank, steps, warmup = args.rank or (8 if smoke else 256), args.steps or (1 if smoke else 5), args.warmup or (1 if smoke else 2)
+    if not 0 < prompt < seq:
+        sys.exit(f"--prompt must be between 1 and --seq - 1 (got {prompt} of {seq}): the rest are the trained tokens")
     precision = "fp32" if smoke else "bf16"
 
     processor = build_processor()
