@@ -203,6 +203,30 @@ def test_bf16_base_keeps_fp32_adapters(stage1, tiny_base, data, tmp_path):
     load_model(out)
 
 
+def test_training_state_estimate_and_gpu_check(stage1, data, tmp_path, monkeypatch):
+    """The per-process estimate (weights + gradients + AdamW moments) and the early stop when it alone
+    would fill the GPU (the CUDA query is faked: no GPU here)."""
+    from awaker_cli.train import parallel
+
+    recipe = load_recipe("tiny-stage2", [f"init_from={stage1}", f"data.train={data}", f"output_dir={tmp_path}"])
+    model = build_stage_model(plan_stage(recipe), dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for _, p in trainable_parameters(model))
+    need = parallel.state_bytes(model, 1, sharded=False)
+    assert need == 4 * frozen + 4 * 4 * trainable  # fp32: a trainable parameter has a gradient and two moments
+    assert parallel.state_bytes(model, 2, sharded=True) == need // 2
+
+    class Props:
+        total_memory = int(need / 0.95)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    with pytest.raises(AwakerError, match=r"about .* GB per GPU .*train.parallel=fsdp"):
+        parallel.check_fits(need, torch.device("cuda", 0), sharded=False)
+    Props.total_memory = 2 * need
+    parallel.check_fits(need, torch.device("cuda", 0), sharded=False)
+    parallel.check_fits(100 * need, torch.device("cpu"), sharded=False)  # CPU memory is not checked
+
+
 def test_init_from_must_match_the_stage(stage1, stage2, data, tmp_path):
     with pytest.raises(AwakerError, match="stage 3 starts from a stage-2 output"):
         plan_stage(load_recipe("tiny-stage3", [f"init_from={stage1}", f"data.train={data}"]))

@@ -250,6 +250,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     state = _check_resumable(found[-1], ctx, len(records)) if found else None
     net = parallel.wrap(model, ctx, t.parallel)  # fsdp: model's parameters are now sharded DTensors
     sharded = parallel.is_sharded(model)
+    need = parallel.state_bytes(model, ctx.world, sharded)
+    parallel.check_fits(need, ctx.device, sharded)
     named = trainable_parameters(model)
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -288,7 +290,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}), {total} steps of {global_batch} "
         f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
         f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
-        f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}")
+        f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}; "
+        f"weights, gradients and AdamW states ≈ {need / 1e9:.2f} GB per process")
 
     sampler = StepBatches(len(records), batch_size=t.batch_size, grad_accum=t.grad_accum, world=ctx.world,
                           rank=ctx.rank, seed=t.seed, shuffle=d.shuffle, start_step=start, total_steps=total)

@@ -96,6 +96,27 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def state_bytes(model, world: int, sharded: bool) -> int:
+    """Bytes of weights, gradients and AdamW moments one process holds while training (activations and
+    temporary buffers not counted): a trainable parameter has a gradient and two moments of its own
+    dtype, a frozen one only itself. fsdp divides it all by the number of processes."""
+    total = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
+    return total // world if sharded else total
+
+
+def check_fits(need: int, device: torch.device, sharded: bool):
+    """Stop before the first step, not with an out-of-memory error minutes later, when the training
+    state alone leaves no room for activations on the GPU."""
+    if device.type != "cuda":
+        return
+    have = torch.cuda.get_device_properties(device).total_memory
+    if need > 0.9 * have:
+        more = "run on more GPUs" if sharded else "run under torchrun with train.parallel=fsdp on several GPUs"
+        raise AwakerError(f"training needs about {need / 1e9:.1f} GB per GPU for weights, gradients and AdamW "
+                          f"states alone (activations come on top) and the GPU has {have / 1e9:.1f} GB: {more}, "
+                          "or train a smaller LoRA rank")
+
+
 def gradient_sync(net, sync: bool):
     """Accumulating micro-batches: reduce gradients over the processes only after the last one."""
     if hasattr(net, "set_requires_gradient_sync"):  # fsdp
