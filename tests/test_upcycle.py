@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from awaker_cli.checkpoint import Checkpoint
+from awaker_cli.checkpoint.keys import to_hub
 from awaker_cli.cli import run
 from awaker_cli.model import AwakerConfig, load_base, load_model
 
@@ -36,6 +37,24 @@ def test_base_tensors_bit_identical(tiny_bases, tmp_path, variant):
     assert cfg.rank == 4 and cfg.num_layers == 2 and set(cfg.span_token_ids) == {"im_start", "im_end", "vision_start"}
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(moe.tensors)
+
+
+def test_copied_tensors_keep_their_page_offset(tiny_bases, tmp_path):
+    """Each output shard's data starts so that its copied base tensors sit at the same position modulo
+    the page size as in their source file (whole-page in-kernel copies), and stays 8-byte aligned."""
+    base = Checkpoint(tiny_bases["hub-sharded"])
+    out = tmp_path / "moe"
+    assert run(["upcycle", str(base.path), str(out), "--rank", "4", "--max-shard-size", "300KB"]) == 0
+    moe = Checkpoint(out)
+    checked = 0
+    for file in moe.files:
+        infos = sorted((i for i in moe.tensors.values() if i.file == file), key=lambda i: i.offset)
+        assert min(i.offset for i in infos) % 8 == 0
+        first = next((i for i in infos if to_hub(i.name) in base.tensors), None)
+        if first is not None and base.tensors[to_hub(first.name)].offset % 8 == 0:
+            assert first.offset % 4096 == base.tensors[to_hub(first.name)].offset % 4096
+            checked += 1
+    assert checked >= 2
 
 
 def test_index_written_in_hub_layout(tiny_bases, tmp_path):
