@@ -118,19 +118,49 @@ def test_prompt_text_span_leaves_image_tokens_out(padding):
     ids = torch.tensor([p + r if padding == "left" else r + p for p, r in zip(pad, rows)])
     mask = (ids != 0).long()
     spans = routing_spans(ids, mask, tok, rule="prompt-text")
-    assert torch.equal(spans, routing_spans(ids, mask, tok, rule="prompt"))  # the same range
+    prompt = routing_spans(ids, mask, tok, rule="prompt")
+    assert torch.equal(spans[1], prompt[1]) and spans[0, 1] == prompt[0, 1]
+    assert spans[0, 0] == prompt[0, 0] - 1  # the whole user turn: it starts before the image
     embeds = torch.randn(2, length, 8)
     skip = image_tokens(ids, TOY_CONFIG)
     m = span_mean(embeds, spans, mask, skip)
-    # by hand: the with-image row's prompt is <|vision_start|> pad pad pad <|vision_end|> 9 5; its text
-    # tokens are all but the three pads (the vision markers stay: they carry no image features)
+    # by hand: the with-image row's user turn is 7 <|vision_start|> pad pad pad <|vision_end|> 9 5; its
+    # text tokens are all but the three pads (the vision markers stay: they carry no image features)
     off = [len(p) if padding == "left" else 0 for p in pad]
-    keep0 = [off[0] + i for i in (7, 11, 12, 13)]
+    keep0 = [off[0] + i for i in (6, 7, 11, 12, 13)]
     keep1 = [off[1] + i for i in (6, 7, 8, 9)]  # no image: the prompt rule's user text, unchanged
     torch.testing.assert_close(m[0], embeds[0, keep0].mean(0))
     torch.testing.assert_close(m[1], embeds[1, keep1].mean(0))
     # the text-only row is exactly what the prompt rule gives
     assert torch.equal(m[1], span_mean(embeds, spans, mask)[1])
+
+
+def test_prompt_text_sees_the_question_before_the_image():
+    """'What colour is this? <image>': prompt starts at the image (DESIGN.md), prompt-text keeps the
+    question, so two such questions about the same image route differently."""
+    tok = SpanTokens(vision_start=3, im_start=1, im_end=2)
+    rows = [[1, 9, 2, 1, 8, 7, q, 5, 3, 6, 6, 4, 2, 1, 5, 7] for q in (10, 11)]
+    ids = torch.tensor(rows)
+    embeds = torch.randn(1, 16, 8).expand(2, 16, 8).clone()
+    embeds[1, 6] = torch.randn(8)  # only the question's first word differs
+    skip = image_tokens(ids, TOY_CONFIG)
+    prompt = span_mean(embeds, routing_spans(ids, None, tok, rule="prompt"), None)
+    text = span_mean(embeds, routing_spans(ids, None, tok, rule="prompt-text"), None, skip)
+    assert torch.equal(prompt[0], prompt[1])  # the release's rule sees only the image
+    assert not torch.equal(text[0], text[1])
+    torch.testing.assert_close(text[0], embeds[0, [5, 6, 7, 8, 11]].mean(0))
+
+
+@pytest.mark.parametrize("rule", ["prompt", "prompt-text"])
+def test_image_in_a_later_turn_keeps_the_first_user_turn(rule):
+    """A conversation whose first image comes in its second user turn routes on the first user turn's
+    text, in training (answers included in the sequence) and at inference (prompt only) alike."""
+    tok = SpanTokens(vision_start=3, im_start=1, im_end=2)
+    inference = [1, 9, 2, 1, 8, 7, 9, 5, 2, 1, 5, 7, 9, 2, 1, 8, 7, 3, 6, 4, 9, 2, 1, 5, 7]
+    training = inference + [9, 9, 2]
+    for seq in (inference, training):
+        spans = routing_spans(torch.tensor([seq]), None, tok, rule=rule)
+        assert spans.tolist() == [[5, 8]]
 
 
 def test_span_mean_without_skips_is_bit_identical():

@@ -29,10 +29,14 @@ def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
                   rule: str = "prompt") -> torch.Tensor:
     """[B, 2] half-open spans [start, end) per DESIGN.md section 1.
 
-    prompt:      start = first <|vision_start|> if the sample has an image, else 2nd <|im_start|> + 2;
-                 end = 2nd <|im_end|>. A sample without that chat structure falls back to all its tokens.
-    prompt-text: the range of prompt; its image tokens are left out of the mean later, by span_mean's
-                 `skip` (see image_tokens), so precomputed training spans stay plain ranges.
+    prompt:      start = first <|vision_start|> if the first user turn has an image, else 2nd <|im_start|>
+                 + 2; end = 2nd <|im_end|>. (An image first seen in a later turn leaves the span on the
+                 first user turn's text: DESIGN.md's rule would give start > end there, and falling back
+                 to every token would let training, which sees the answers, route on more than
+                 inference does.) A sample without that chat structure falls back to all its tokens.
+    prompt-text: the whole first user turn, 2nd <|im_start|> + 2 to 2nd <|im_end|>, text before its
+                 image included; the image tokens are left out of the mean later, by span_mean's `skip`
+                 (see image_tokens), so precomputed training spans stay plain ranges.
     all:         every non-padding token.
     """
     if rule not in SPAN_RULES:
@@ -46,8 +50,11 @@ def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     vision = _nth(input_ids == tokens.vision_start, 1)
     user = _nth(input_ids == tokens.im_start, 2)
     end = _nth(input_ids == tokens.im_end, 2)
-    start = torch.where(vision >= 0, vision, torch.where(user >= 0, user + 2, first_valid))
     end = torch.where(end >= 0, end, last_valid + 1)
+    turn = torch.where(user >= 0, user + 2, first_valid)
+    start = turn
+    if rule == "prompt":
+        start = torch.where((vision >= 0) & (vision < end), vision, turn)
     broken = end <= start
     start = torch.where(broken, first_valid, start)
     end = torch.where(broken, last_valid + 1, end)
