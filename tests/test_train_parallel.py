@@ -58,7 +58,8 @@ def big_batch(tiny_base, data, tmp_path_factory):
 
 @pytest.mark.parametrize("mode, batch, accum", [("ddp", 2, 1), ("fsdp", 1, 2)])
 def test_data_parallel_matches_one_big_batch(tiny_base, data, big_batch, tmp_path, mode, batch, accum):
-    """2 processes × batch × accum = 4 records a step; fsdp also accumulates (gradient sync deferred)."""
+    """2 processes × batch × accum = 4 records a step; fsdp also accumulates (reducing after each
+    micro-batch into its sharded gradients)."""
     out = tmp_path / mode
     proc = _torchrun(*_common(tiny_base, data, out), "adapter.dropout=0", f"train.parallel={mode}",
                      f"train.batch_size={batch}", f"train.grad_accum={accum}")

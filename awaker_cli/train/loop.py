@@ -248,10 +248,11 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     ctx.barrier()
     found = ckpt_io.list_checkpoints(out)
     state = _check_resumable(found[-1], ctx, len(records)) if found else None
+    shard = t.parallel == "fsdp" and ctx.world > 1
+    need = parallel.state_bytes(model, ctx.world, shard)
+    parallel.check_fits(need, ctx.device, shard)  # before DDP's buckets or FSDP's gathers take memory
     net = parallel.wrap(model, ctx, t.parallel)  # fsdp: model's parameters are now sharded DTensors
     sharded = parallel.is_sharded(model)
-    need = parallel.state_bytes(model, ctx.world, sharded)
-    parallel.check_fits(need, ctx.device, sharded)
     named = trainable_parameters(model)
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
@@ -270,6 +271,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         scheduler.load_state_dict(state["scheduler"])
         ckpt_io.set_rng_state(state["rng"][ctx.rank])
         start, resumed, tokens_seen = state["step"], True, state.get("tokens_seen", 0)
+        del saved, state  # memory-mapped: let the files go (old checkpoints get deleted later)
         if ctx.main:
             _truncate_metrics(out / METRICS_FILE, start)
         say(f"[green]resuming[/] {escape(str(out))} from step {start} ({found[-1].name})")
@@ -291,7 +293,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
         f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
         f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}; "
-        f"weights, gradients and AdamW states ≈ {need / 1e9:.2f} GB per process")
+        f"weights, gradients and AdamW state ≈ {need / 1e9:.2f} GB per process")
 
     sampler = StepBatches(len(records), batch_size=t.batch_size, grad_accum=t.grad_accum, world=ctx.world,
                           rank=ctx.rank, seed=t.seed, shuffle=d.shuffle, start_step=start, total_steps=total)

@@ -11,6 +11,7 @@ checkpoints and into full tensors for the final model.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -65,7 +66,9 @@ def setup_dist(device: str) -> Dist:
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        # an hour: the other processes wait in a barrier while the main one writes a 7B checkpoint
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(minutes=60))
         owns = True
     return Dist(rank, world, local, dev, owns)
 
@@ -78,7 +81,9 @@ def wrap(model, ctx: Dist, mode: str):
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        # gradients as views into DDP's buckets: no second copy of the (fp32, 7B: 11 GB) adapter gradients
+        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -97,10 +102,10 @@ def is_sharded(model) -> bool:
 
 
 def state_bytes(model, world: int, sharded: bool) -> int:
-    """Bytes of weights, gradients and AdamW moments one process holds while training (activations and
-    temporary buffers not counted): a trainable parameter has a gradient and two moments of its own
-    dtype, a frozen one only itself. fsdp divides it all by the number of processes."""
-    total = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in model.parameters())
+    """Bytes of weights, gradients and AdamW state one process holds while training (activations not
+    counted): a trainable parameter has a gradient, two moments and, during AdamW's (foreach) step, one
+    temporary of its own dtype; a frozen one only itself. fsdp divides it all by the number of processes."""
+    total = sum(p.numel() * p.element_size() * (5 if p.requires_grad else 1) for p in model.parameters())
     return total // world if sharded else total
 
 
@@ -118,10 +123,10 @@ def check_fits(need: int, device: torch.device, sharded: bool):
 
 
 def gradient_sync(net, sync: bool):
-    """Accumulating micro-batches: reduce gradients over the processes only after the last one."""
-    if hasattr(net, "set_requires_gradient_sync"):  # fsdp
-        net.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
+    """Accumulating micro-batches under ddp: reduce gradients over the processes only after the last one.
+    fsdp reduces after every micro-batch, on purpose: deferring would keep every layer's whole, unsharded
+    gradient on every GPU until the last one (11 GB in fp32 for the 7B stage II), which is what
+    sharding is for; the reduce-scatters overlap the backward of the layers before."""
     if hasattr(net, "no_sync") and not sync:  # ddp
         return net.no_sync()
     return contextlib.nullcontext()
