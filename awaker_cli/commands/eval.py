@@ -31,12 +31,12 @@ def eval_(
     averages; for a LoRA-MoE model also the expert histogram per task and routing purity. Runs offline."""
     from ..evaluate import evaluate, load_samples, report_table
 
-    total = len(load_samples(data, limit or None))
+    samples = load_samples(data, limit or None)  # bad data fails before the model loads
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # quantized exports: load-time notices, as in chat
-    with progress_bar("eval", total, unit="samples", enabled=not json_out) as advance:
+    with progress_bar("eval", len(samples), unit="samples", enabled=not json_out) as advance:
         result = evaluate(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           predictions=predictions, limit=limit or None, device=device, dtype=dtype,
-                          progress=advance)
+                          progress=advance, samples=samples)
     if json_out:
         return print_json(result)
     stderr.print(report_table(result))

@@ -77,10 +77,13 @@ def evaluate_model(model, processor, samples: Sequence[Sample], *, batch_size: i
 
 def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 16, max_new_tokens: int = 32,
              predictions: str | Path | None = None, limit: int | None = None, device: str | None = None,
-             dtype: str = "auto", progress: Callable[[int], None] | None = None) -> dict:
+             dtype: str = "auto", progress: Callable[[int], None] | None = None,
+             samples: Sequence[Sample] | None = None) -> dict:
     """Evaluate a model directory on a data file (training data format). Returns the metrics dict;
-    `predictions` writes one JSON line per sample (index, task, question, answer, prediction, ...)."""
-    samples = load_samples(data_file, limit)  # bad data fails before the model loads
+    `predictions` writes one JSON line per sample (index, task, question, answer, prediction, ...).
+    samples: the file's samples if the caller already read them (with the same limit)."""
+    if samples is None:
+        samples = load_samples(data_file, limit)  # bad data fails before the model loads
     model, processor, kind = load_for_eval(model_dir, device, dtype)
     metrics, rows = evaluate_model(model, processor, samples, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, progress=progress)
