@@ -115,3 +115,19 @@ def test_fsdp_killed_and_resumed_equals_uninterrupted(tiny_base, data, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(killed) == [{**m, "time": n["time"], "tokens_per_s": n["tokens_per_s"]}
                                 for m, n in zip(_metrics(whole), _metrics(killed))]
+
+
+def test_processes_must_see_the_same_output_dir(tmp_path):
+    """Processes on machines without a shared filesystem would each resume from what they see: refused."""
+    from awaker_cli.errors import AwakerError
+    from awaker_cli.train import parallel
+    from awaker_cli.train.loop import _check_shared
+
+    class OtherMachineSeesNothing(parallel.Dist):
+        def gather_objects(self, obj):
+            return [obj, None]
+
+    ctx = OtherMachineSeesNothing(rank=0, world=2, local_rank=0, device=torch.device("cpu"), owns_group=False)
+    with pytest.raises(AwakerError, match="filesystem every process shares"):
+        _check_shared(ctx, tmp_path, "step-00000002")
+    _check_shared(ctx, tmp_path, None)  # nothing to resume on either: the same

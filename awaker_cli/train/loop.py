@@ -247,6 +247,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         ckpt_io.remove_partials(out)
     ctx.barrier()
     found = ckpt_io.list_checkpoints(out)
+    _check_shared(ctx, out, found[-1].name if found else None)
     state = _check_resumable(found[-1], ctx, len(records)) if found else None
     shard = t.parallel == "fsdp" and ctx.world > 1
     need = parallel.state_bytes(model, ctx.world, shard)
@@ -286,6 +287,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         tmp.write_text(recipe.to_yaml())
         os.replace(tmp, out / RECIPE_FILE)
     ctx.barrier()
+    _check_shared(ctx, out, (out / RECIPE_FILE).is_file())
 
     trainable = describe_trainable(model)
     say(f"[bold]stage {plan.stage}[/] from {plan.source}: {stats.records} records "
@@ -405,6 +407,14 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     ctx.barrier()
     return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
             "resumed": resumed, "skipped": False, "data": stats.to_dict()}
+
+
+def _check_shared(ctx: parallel.Dist, out: Path, seen):
+    """Every process must see the same output directory (checkpoints, recipe.yaml): with processes on
+    several machines it has to be on a filesystem they share, or they would resume from different steps."""
+    if len({repr(v) for v in ctx.gather_objects(seen)}) > 1:
+        raise AwakerError(f"output_dir {out}: the processes see different contents; put it (and the data) on a "
+                          "filesystem every process shares")
 
 
 def _check_resumable(checkpoint: Path, ctx: parallel.Dist, num_records: int) -> dict:
