@@ -7,9 +7,10 @@ all processes) divided by the step's number of label tokens, so 2 processes × b
 the trainable parameters only, a cosine (or linear/constant) schedule with warmup.
 
 The output directory holds recipe.yaml (the resolved recipe), metrics.jsonl (appended), checkpoints/
-(atomic, see state.py), train_state.json and, at the end, the awaker model itself (save_with_source_base), so
-`awaker info/chat/...` and the next stage's init_from take the directory as it is. Re-running the same
-command resumes from the newest checkpoint; a finished run is not trained again.
+(atomic, see state.py), train_state.json and, at the end, the awaker model itself (the source's base
+bytes plus the trained adapters), so `awaker info/chat/...` and the next stage's init_from take the
+directory as it is. Re-running the same command resumes from the newest checkpoint; a finished run is
+not trained again. Processes and data parallelism (ddp, fsdp): parallel.py.
 """
 from __future__ import annotations
 
@@ -403,7 +404,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         os.replace(tmp, out / STATE_FILE)
         if not t.keep_checkpoints:
             shutil.rmtree(ckpt_io.checkpoint_root(out), ignore_errors=True)
-        say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {total} steps, final loss {last.get('loss', float('nan')):.4f})")
+        say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {total} steps, "
+            f"final loss {last.get('loss', float('nan')):.4f})")
     ctx.barrier()
     return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
             "resumed": resumed, "skipped": False, "data": stats.to_dict()}
@@ -433,8 +435,10 @@ def _save_training_state(ctx: parallel.Dist, out: Path, model, optimizer, schedu
     """Checkpoint `step`: with fsdp every process writes its shard of the adapters and optimizer states,
     then the main process adds state.pt (the rest) and renames the checkpoint into place."""
     rng_all = ctx.gather_objects(ckpt_io.rng_state())
-    mine = {"adapters": parallel.to_cpu(adapter_state_dict(model)), "optimizer": parallel.to_cpu(optimizer.state_dict())} \
-        if sharded or ctx.main else {}
+    mine = {}
+    if sharded or ctx.main:  # fsdp: this process's shards; ddp: the main process's copy is everyone's
+        mine = {"adapters": parallel.to_cpu(adapter_state_dict(model)),
+                "optimizer": parallel.to_cpu(optimizer.state_dict())}
     if ctx.main:
         ckpt_io.begin_checkpoint(out, step)
     ctx.barrier()
