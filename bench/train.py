@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from awaker_cli.model import AwakerConfig, attach_adapters  # noqa: E402
 from awaker_cli.tiny import build_processor, tiny_config  # noqa: E402
 from awaker_cli.train.loop import IGNORE_INDEX, balance_loss, prepare_for_training, token_loss_sum  # noqa: E402
-from awaker_cli.train.recipe import DEFAULT_MOE_TARGETS  # noqa: E402
+from awaker_cli.train.parallel import make_optimizer  # noqa: E402
+from awaker_cli.train.recipe import DEFAULT_MOE_TARGETS, TrainSection  # noqa: E402
 from awaker_cli.train.stages import StagePlan, describe_trainable, set_trainable, trainable_parameters  # noqa: E402
 from shapes import build_model, qwen2vl_7b_config  # noqa: E402
 
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
     set_trainable(model, StagePlan(2, Path("."), cfg, None))
     prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing)
     params = [p for _, p in trainable_parameters(model)]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)  # the loop's optimizer (foreach on CUDA)
+    optimizer = make_optimizer(params, TrainSection(), device, sharded=False)  # the loop's (fused on a GPU)
     counts = describe_trainable(model)
     print(f"built the {'tiny' if smoke else '7B-shaped'} stage-2 model in {time.perf_counter() - t0:.1f} s: "
           f"{counts['total']:,} trainable parameters", flush=True)

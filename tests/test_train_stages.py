@@ -212,10 +212,14 @@ def test_training_state_estimate_and_gpu_check(stage1, data, tmp_path, monkeypat
     model = build_stage_model(plan_stage(recipe), dtype=torch.float32, device=torch.device("cpu"), seed=0)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     trainable = sum(p.numel() for _, p in trainable_parameters(model))
-    need = parallel.state_bytes(model, 1, sharded=False)
-    # fp32: a trainable parameter has a gradient, two moments and AdamW's temporary
+    need = parallel.state_bytes(model, 1, sharded=False, fused=False)
+    # fp32: a trainable parameter has a gradient, two moments and (foreach AdamW) a temporary
     assert need == 4 * frozen + 5 * 4 * trainable
-    assert parallel.state_bytes(model, 2, sharded=True) == need // 2
+    assert parallel.state_bytes(model, 1, sharded=False, fused=True) == 4 * frozen + 4 * 4 * trainable
+    assert parallel.state_bytes(model, 2, sharded=True, fused=False) == need // 2
+    assert parallel.fused_adamw(torch.device("cuda", 0), sharded=False)
+    assert not parallel.fused_adamw(torch.device("cuda", 0), sharded=True)
+    assert not parallel.fused_adamw(torch.device("cpu"), sharded=False)  # CPU runs stay bit-reproducible
 
     class Props:
         total_memory = int(need / 0.95)

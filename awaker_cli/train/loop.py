@@ -251,14 +251,13 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     _check_shared(ctx, out, found[-1].name if found else None)
     state = _check_resumable(found[-1], ctx, len(records)) if found else None
     shard = t.parallel == "fsdp" and ctx.world > 1
-    need = parallel.state_bytes(model, ctx.world, shard)
+    need = parallel.state_bytes(model, ctx.world, shard, fused=parallel.fused_adamw(ctx.device, shard))
     parallel.check_fits(need, ctx.device, shard)  # before DDP's buckets or FSDP's gathers take memory
     net = parallel.wrap(model, ctx, t.parallel)  # fsdp: model's parameters are now sharded DTensors
     sharded = parallel.is_sharded(model)
     named = trainable_parameters(model)
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
+    optimizer = parallel.make_optimizer(params, t, ctx.device, sharded)
     schedule = functools.partial(lr_factor, total=total, warmup=warmup, kind=t.scheduler, min_ratio=t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

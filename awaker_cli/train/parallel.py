@@ -101,11 +101,25 @@ def is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def state_bytes(model, world: int, sharded: bool) -> int:
+def fused_adamw(device: torch.device, sharded: bool) -> bool:
+    """On a GPU, AdamW's fused kernel: one launch per step and no temporary copy of the parameters
+    (11 GB less for the 7B stage II). Sharded (fsdp) parameters keep the default foreach step."""
+    return device.type == "cuda" and not sharded
+
+
+def make_optimizer(params, t, device: torch.device, sharded: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with the recipe's train section `t`."""
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             weight_decay=t.weight_decay, fused=fused_adamw(device, sharded))
+
+
+def state_bytes(model, world: int, sharded: bool, fused: bool) -> int:
     """Bytes of weights, gradients and AdamW state one process holds while training (activations not
-    counted): a trainable parameter has a gradient, two moments and, during AdamW's (foreach) step, one
-    temporary of its own dtype; a frozen one only itself. fsdp divides it all by the number of processes."""
-    total = sum(p.numel() * p.element_size() * (5 if p.requires_grad else 1) for p in model.parameters())
+    counted): a trainable parameter has a gradient, two moments and, unless AdamW is fused, a temporary
+    during the step, all of its own dtype; a frozen one only itself. fsdp divides it all by the number of
+    processes."""
+    per_trainable = 4 if fused else 5
+    total = sum(p.numel() * p.element_size() * (per_trainable if p.requires_grad else 1) for p in model.parameters())
     return total // world if sharded else total
 
 
