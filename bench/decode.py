@@ -30,8 +30,7 @@ from awaker_cli.generate import Engine, SamplingParams  # noqa: E402
 from awaker_cli.model import AwakerConfig, Routing, adapter_state_dict, attach_adapters  # noqa: E402
 from awaker_cli.tiny import build_processor, tiny_config  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shapes import build_model, qwen2vl_7b_config  # noqa: E402
+from bench.shapes import build_model, quantize_decoder_linears, qwen2vl_7b_config  # noqa: E402
 
 IMAGE_SIDE = 448
 
@@ -172,6 +171,9 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    ap.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
+                    help="the decoder's linears in bitsandbytes nf4/int8, as an `awaker export` loads (needs "
+                         "bitsandbytes)")
     ap.add_argument("--no-graphs", action="store_true", help="decode eagerly (no CUDA graph), for comparison")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before capturing it")
     ap.add_argument("--json", dest="json_out", default=None, help="write the results to this file")
@@ -196,7 +198,10 @@ def main(argv=None):
     config = tiny_config(processor.tokenizer) if smoke else qwen2vl_7b_config(processor.tokenizer)
     t = time.perf_counter()
     model = build_model(config, device, dtype)
-    print(f"built {'tiny' if smoke else '7B-shaped'} model in {time.perf_counter() - t:.1f} s on {device}", flush=True)
+    if args.quantize != "none":
+        quantize_decoder_linears(model, args.quantize, dtype)
+    print(f"built {'tiny' if smoke else '7B-shaped'} model{'' if args.quantize == 'none' else ' (' + args.quantize + ')'} "
+          f"in {time.perf_counter() - t:.1f} s on {device}", flush=True)
     bandwidth = copy_bandwidth(device)
     graphs = False if (args.no_graphs or smoke) else None
     rows = []
@@ -217,7 +222,7 @@ def main(argv=None):
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "copy_TBps": round(bandwidth / 1e12, 3) if bandwidth == bandwidth else None,
-            "rank": rank, "experts": args.experts, "prompt_tokens": args.prompt_tokens,
+            "quantize": args.quantize, "rank": rank, "experts": args.experts, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "graphs": not (args.no_graphs or smoke), "compile": args.compile,
             "peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None,
             "results": rows}

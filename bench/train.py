@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -42,7 +41,7 @@ from awaker_cli.train.loop import IGNORE_INDEX, balance_loss, prepare_for_traini
 from awaker_cli.train.parallel import make_optimizer  # noqa: E402
 from awaker_cli.train.recipe import DEFAULT_MOE_TARGETS, TrainSection  # noqa: E402
 from awaker_cli.train.stages import StagePlan, describe_trainable, set_trainable, trainable_parameters  # noqa: E402
-from shapes import build_model, qwen2vl_7b_config  # noqa: E402
+from bench.shapes import build_model, qwen2vl_7b_config  # noqa: E402
 
 GFLOP_PER_TOKEN = 35.4  # issue 5's figure for this step of the 7B model
 H100_CEILING = 27_000  # tokens/s, issue 5: compute-bound at 35.4 GFLOP a token

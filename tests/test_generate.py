@@ -222,11 +222,14 @@ def test_bad_sampling_params(moe, bad):
         moe[0].generate(["hi"], SamplingParams(**bad))
 
 
-def test_bench_smoke_runs(capsys):
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_bench_smoke_runs(capsys, quantize):
     spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[1] / "bench" / "decode.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    info = bench.main(["--smoke", "--batches", "1,2", "--new-tokens", "3", "--prompt-tokens", "24"])
+    info = bench.main(["--smoke", "--batches", "1,2", "--new-tokens", "3", "--prompt-tokens", "24",
+                       "--quantize", quantize])
     cases = {(r["model"], r["case"]) for r in info["results"]}
     assert cases == {(m, c) for m in ("dense", "awaker") for c in ("b1", "b1+image", "b2-mixed")}
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in info["results"])
+    assert info["quantize"] == quantize

@@ -64,8 +64,8 @@ def _is_quantized(model) -> bool:
     return any(not p.is_floating_point() for p in model.model.language_model.parameters())
 
 
-def _fix_bnb_model(model, dtype: torch.dtype | None):
-    """Two fixes after transformers loads a bitsandbytes export:
+def fix_bnb_model(model, dtype: torch.dtype | None):
+    """Two fixes after transformers loads a bitsandbytes export (or bench/shapes.py quantizes in memory):
     - given a dtype, transformers 5 casts only some of the unquantized tensors (norms yes, skipped linears
       such as the vision tower's no), which breaks the forward: cast every float tensor outside the
       quantized layers (those compute in their own compute dtype and return the input's);
@@ -189,7 +189,7 @@ def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, d
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt.path, dtype=dtype or "auto",
                                                             device_map=device)
     if "quantization_config" in ckpt.config:  # an `awaker export` (transformers needs accelerate for it)
-        _fix_bnb_model(model, dtype)
+        fix_bnb_model(model, dtype)
     return model.eval(), ckpt
 
 
