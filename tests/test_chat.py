@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from awaker_cli.cli import run
-from awaker_cli.generate import ChatSession, SamplingParams, interactive, load_engine
+from awaker_cli.generate import ChatSession, SamplingParams, interactive, load_engine, stats_line
 
 from .conftest import solid
 
@@ -133,3 +134,110 @@ def test_bad_input_is_one_line_and_exit_2(case, tiny_moe, tmp_path, capsys):
     assert run(["chat", model, *extra, *NEW]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+# ---- later turns continue from the KV cache of the conversation so far ----
+
+@pytest.fixture(scope="module")
+def pair(random_moe):
+    """Two engines on the same weights (random adapters: routes differ by input): one reuses the KV
+    cache of earlier turns, the other prefills every turn from scratch."""
+    reuse = load_engine(str(random_moe), device="cpu")
+    fresh = load_engine(str(random_moe), device="cpu")
+    fresh.reuse_prefix = False
+    return reuse, fresh
+
+
+def converse(engine, turns, n=6):
+    """The Generation of each turn of one greedy ChatSession; turns are (text, image or None)."""
+    session = ChatSession(engine, params=SamplingParams(max_new_tokens=n, ignore_eos=True))
+    gens = []
+    for text, image in turns:
+        if image is not None:
+            session.add_image(image)
+        for _ in session.ask(text):
+            pass
+        gens.append(session.last)
+    return session, gens
+
+
+def assert_same_answers(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert g.tokens == w.tokens and g.text == w.text and g.prompt_tokens == w.prompt_tokens
+        assert torch.equal(g.routing.expert_ids, w.routing.expert_ids)
+        torch.testing.assert_close(g.routing.probs, w.routing.probs)
+        assert w.cached_prompt_tokens == 0
+
+
+def test_later_turns_reuse_the_cache_and_answer_the_same(pair, red):
+    reuse, fresh = pair
+    turns = [("colour ?", red), ("sure ?", None), ("again", None)]  # short: every turn fits the same cache bucket
+    calls = []
+    hook = reuse.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, got = converse(reuse, turns)
+    finally:
+        hook.remove()
+    _, want = converse(fresh, turns)
+    assert_same_answers(got, want)
+    assert got[0].cached_prompt_tokens == 0
+    for before, g in itertools.pairwise(got):  # at least the previous prompt (its image included) was reused
+        assert before.prompt_tokens <= g.cached_prompt_tokens < g.prompt_tokens
+    assert len(calls) == 1  # the image went through the vision tower once, in turn 1
+
+
+def test_a_conversation_outgrowing_its_cache_keeps_reusing(pair, red, monkeypatch):
+    """With 16-token cache buckets every turn needs a bigger cache: the shared K/V are copied over."""
+    reuse, fresh = pair
+    for engine in pair:
+        monkeypatch.setattr(engine, "LENGTH_BUCKET", 16)
+    turns = [("colour ?", red), ("are you quite sure about that ?", None), ("and now, once more ?", None)]
+    _, got = converse(reuse, turns)
+    _, want = converse(fresh, turns)
+    assert_same_answers(got, want)
+    assert all(g.cached_prompt_tokens >= before.prompt_tokens for before, g in itertools.pairwise(got))
+    assert len({(b.batch, b.length) for b in reuse._buffers.values()}) == 2  # it did change buckets
+
+
+def test_an_image_in_a_later_turn_prefills_everything_again(pair, red):
+    reuse, fresh = pair
+    turns = [("hi", None), ("colour ?", red), ("now ?", None)]
+    _, got = converse(reuse, turns)
+    _, want = converse(fresh, turns)
+    assert_same_answers(got, want)
+    assert [g.cached_prompt_tokens > 0 for g in got] == [False, False, True]
+
+
+def test_an_edited_conversation_prefills_everything_again(pair):
+    reuse, fresh = pair
+    session, got = converse(reuse, [("hello", None), ("tell me more", None)])
+    assert got[1].cached_prompt_tokens > 0
+    # a different first user turn (its routing span): nothing reused, same answer as from scratch
+    edited = [dict(m) for m in session.history]
+    edited[0] = user("good morning")
+    request = edited + [user("tell me more")]
+    g = reuse.generate([request], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    w = fresh.generate([request], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert g.cached_prompt_tokens == 0 and g.tokens == w.tokens
+    # /reset, then another question
+    session.reset()
+    for _ in session.ask("what is two and two ?"):
+        pass
+    assert session.last.cached_prompt_tokens == 0
+    assert session.last.tokens == converse(fresh, [("what is two and two ?", None)])[1][0].tokens
+
+
+def test_stats_line_shows_cached_prompt_tokens(pair):
+    _, gens = converse(pair[0], [("hello", None), ("more", None)], n=2)
+    assert "cached" not in stats_line(gens[0])
+    assert f"({gens[1].cached_prompt_tokens} cached)" in stats_line(gens[1])
+    assert gens[1].stats()["cached_prompt_tokens"] == gens[1].cached_prompt_tokens
+
+
+def test_dense_model_reuses_the_cache_too(tiny_base):
+    reuse, fresh = load_engine(str(tiny_base), device="cpu"), load_engine(str(tiny_base), device="cpu")
+    fresh.reuse_prefix = False
+    turns = [("hi", None), ("more", None), ("again", None)]
+    got, want = converse(reuse, turns)[1], converse(fresh, turns)[1]
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert [g.cached_prompt_tokens > 0 for g in got] == [False, True, True]

@@ -233,3 +233,42 @@ def test_bench_smoke_runs(capsys, quantize):
     assert cases == {(m, c) for m in ("dense", "awaker") for c in ("b1", "b1+image", "b2-mixed")}
     assert all(r["tokens_per_s"] > 0 and r["new_tokens"] == 3 for r in info["results"])
     assert info["quantize"] == quantize
+
+
+def without_reuse(engine, request, params):
+    engine.reuse_prefix = False
+    try:
+        return engine.generate([request], params)[0]
+    finally:
+        engine.reuse_prefix = True
+
+
+def test_a_repeated_request_prefills_only_its_last_token(moe):
+    engine, _ = moe
+    first = engine.generate([REQUESTS[0]], greedy())[0]
+    again = engine.generate([REQUESTS[0]], greedy())[0]
+    assert first.cached_prompt_tokens == 0 and again.cached_prompt_tokens == again.prompt_tokens - 1
+    assert again.tokens == first.tokens == without_reuse(engine, REQUESTS[0], greedy()).tokens
+    assert torch.equal(again.routing.expert_ids, first.routing.expert_ids)
+
+
+def test_other_pixels_or_a_pinned_routing_prefill_everything(moe):
+    engine, _ = moe
+    engine.generate([REQUESTS[0]], greedy())
+    other = image_request("what colour is the shape ?", solid((30, 30, 200)))  # same tokens, other image
+    g = engine.generate([other], greedy())[0]
+    assert g.cached_prompt_tokens == 0 and g.tokens == without_reuse(engine, other, greedy()).tokens
+    pinned = engine.last_routing
+    engine.model.awaker_state.fixed = pinned
+    try:
+        assert engine.generate([other], greedy())[0].cached_prompt_tokens == 0
+        assert engine.generate([other], greedy())[0].cached_prompt_tokens == 0  # pinned runs are not kept either
+    finally:
+        engine.model.awaker_state.fixed = None
+    assert engine.generate([other], greedy())[0].cached_prompt_tokens == 0
+
+
+def test_batches_never_reuse(moe):
+    engine, _ = moe
+    engine.generate(REQUESTS[:2], greedy())
+    assert [g.cached_prompt_tokens for g in engine.generate(REQUESTS[:2], greedy())] == [0, 0]

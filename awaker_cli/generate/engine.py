@@ -27,9 +27,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
 from ..kernels import make_plans
-from ..model.build import route
+from ..model.build import model_span_tokens, route
 from ..model.layers import LoRALinear
-from ..model.routing import Routing
+from ..model.routing import Routing, image_tokens, routing_spans
 from .sampling import SamplingParams, sample
 
 # A request: a user prompt, or chat messages [{"role": ..., "content": str | [parts]}] where a part is
@@ -49,6 +49,7 @@ class Generation:
     decode_s: float  # from the first token to the last
     seed: int | None
     routing: Routing | None = None  # the routing this sequence was generated with ([1, R, k]); None: dense
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV cache the previous request left (not prefilled again)
 
     @property
     def new_tokens(self) -> int:
@@ -60,7 +61,8 @@ class Generation:
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
 
     def stats(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+        return {"prompt_tokens": self.prompt_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+                "new_tokens": self.new_tokens,
                 "time_to_first_token_s": round(self.time_to_first_token_s, 4), "decode_s": round(self.decode_s, 4),
                 "tokens_per_s": round(self.tokens_per_s, 2)}
 
@@ -105,6 +107,18 @@ class _Buffers:
 
 
 @dataclass
+class _Prefix:
+    """What a batch-1 run left in its buffers, for the next request to continue from."""
+
+    buf: _Buffers
+    ids: list[int]  # the tokens whose K/V fill cache slots [0, len(ids)): prompt + generated tokens fed back
+    span: list[int] | None  # the routing span [start, end) the routing was computed on (routed models)
+    routing: Routing | None
+    pixel_values: torch.Tensor | None  # the prompt's images: same tokens with other pixels are not a match
+    image_grid_thw: torch.Tensor | None
+
+
+@dataclass
 class _Row:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -128,6 +142,7 @@ class _Run:
         self.t0 = t0  # the request arrived (before tokenizing and image processing)
         self.t_first: float | None = None
         self.read = 0  # new tokens per row the host has seen
+        self.cached = 0  # prompt tokens taken from the previous run's KV cache (batch 1 only)
 
     @property
     def done(self) -> bool:
@@ -161,7 +176,7 @@ class _Run:
         text = self.engine.tokenizer.decode(row.tokens, skip_special_tokens=True)
         routing = None if self.routing is None else self.routing.select(torch.tensor([i]))
         return Generation(text, list(row.tokens), int(self.prompt_tokens[i]), reason, t_first - self.t0,
-                          max(0.0, end - t_first), self.seed, routing)
+                          max(0.0, end - t_first), self.seed, routing, self.cached)
 
 
 class TokenStream:
@@ -259,13 +274,16 @@ class Engine:
     Construction prepares the model for inference in place: q/k/v LoRA merged into the base weights
     (and q/k/v fused into one matmul), gradients off. Use `generate` for a batch, `stream` for one
     request's text pieces as they come.
+
+    With reuse_prefix, a batch-1 request that starts with the tokens of the previous batch-1 run (a
+    chat's next turn) prefills only its new tokens, on top of the KV cache that run left (see _reusable).
     """
 
     LENGTH_BUCKET = 128  # static cache lengths are rounded up to this, so graphs are reused across requests
     MAX_SHAPES = 2  # (batch, length) buffer sets (and graphs) kept alive
 
     def __init__(self, model, processor, *, use_graphs: bool | None = None, compile: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, reuse_prefix: bool = True):
         self.model = model.eval().requires_grad_(False)
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -287,6 +305,8 @@ class Engine:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.images_kwargs = self._image_size(min_pixels, max_pixels)
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
+        self.reuse_prefix = reuse_prefix
+        self._prefix: _Prefix | None = None  # valid until the next run starts writing buffers
         self._merge_and_fuse()
         self._step = self._decode_step
         if compile:  # fuses the step's small elementwise kernels; the graph is still captured by us
@@ -383,7 +403,9 @@ class Engine:
             self._buffers.move_to_end(key)
             return self._buffers[key]
         while len(self._buffers) >= self.MAX_SHAPES:  # free the oldest shape (its cache and graph) first
-            self._buffers.popitem(last=False)
+            _, old = self._buffers.popitem(last=False)
+            if self._prefix is not None and self._prefix.buf is old:
+                self._prefix = None  # let its memory go
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         self._buffers[key] = _Buffers(self, batch, length)
@@ -421,6 +443,11 @@ class Engine:
         pinned = state.fixed if state is not None else None
         if any(pinned is b.routing for b in self._buffers.values()):
             pinned = None  # left behind by a run that was abandoned unfinished, not pinned by the user
+        # This run overwrites buffers: what the last run left holds only for the decision made here.
+        prefix, self._prefix = self._prefix, None
+        reuse = self._reusable(run, prefix, pinned)
+        fed = 0  # generated tokens fed back through the model (their K/V are in the cache)
+        prefilled = False
         # Tokens reach the host every step when streaming, else every few steps (to see finished rows);
         # on a GPU always one read-back late, so the next step is queued while the host waits.
         every = 1 if run.streaming else 4
@@ -434,8 +461,12 @@ class Engine:
                 state.fixed = buf.routing  # every adapter layer reads the static routing copy
             if self.use_graphs and buf.graph is None:
                 self._capture_or_fall_back(buf)
-            logits = self._prefill(run, pinned)
+            if reuse:
+                logits = self._continue(run, prefix, reuse)
+            else:
+                logits = self._prefill(run, pinned)
             out = torch.full((run.batch, run.max_new), self.pad_id, device=self.device, dtype=torch.long)
+            prefilled = True
             finished = torch.zeros(run.batch, device=self.device, dtype=torch.bool)
             for s in range(run.max_new):
                 if s > 0:
@@ -443,6 +474,7 @@ class Engine:
                         buf.graph.replay()
                     else:
                         self._step(buf)
+                    fed = s
                     logits = buf.logits
                 tok = sample(logits, params, generator)
                 if not params.ignore_eos:
@@ -461,6 +493,11 @@ class Engine:
         finally:
             if state is not None:
                 state.fixed = pinned
+            if prefilled and run.batch == 1 and pinned is None and self.reuse_prefix:
+                ids = run.inputs["input_ids"][0].tolist() + out[0, :fed].tolist()
+                span = self._span(run.inputs) if self.routed else None
+                self._prefix = _Prefix(buf, ids, span, run.routing, run.inputs.get("pixel_values"),
+                                       run.inputs.get("image_grid_thw"))
 
     def _capture_or_fall_back(self, buf: _Buffers):
         try:
@@ -500,12 +537,7 @@ class Engine:
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         batch, length = ids.shape
         embeds = self._embed(inputs)
-        mm_types = inputs.get("mm_token_type_ids")
-        if mm_types is None:
-            mm_types = (ids == self.model.config.image_token_id).int()
-        positions, _ = self.model.model.get_rope_index(
-            input_ids=ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.get("image_grid_thw"),
-            attention_mask=mask)
+        positions = self._positions(inputs)
         if self.routed:
             run.routing = pinned if pinned is not None else self._route(ids, mask, embeds)
             if run.routing.batch_size != batch:
@@ -521,6 +553,93 @@ class Engine:
         logits = self._forward(embeds, positions, _additive(allowed[:, None], self.dtype), slots, length, buf)
         buf.pos.copy_(positions.amax(dim=(0, 2)) + 1)
         buf.slot.fill_(length)
+        return logits
+
+    def _positions(self, inputs) -> torch.Tensor:
+        """The model's (m)rope positions [3, B, T] of the whole inputs."""
+        ids = inputs["input_ids"]
+        mm_types = inputs.get("mm_token_type_ids")
+        if mm_types is None:
+            mm_types = (ids == self.model.config.image_token_id).int()
+        positions, _ = self.model.model.get_rope_index(
+            input_ids=ids, mm_token_type_ids=mm_types, image_grid_thw=inputs.get("image_grid_thw"),
+            attention_mask=inputs["attention_mask"])
+        return positions
+
+    def _span(self, inputs) -> list[int]:
+        """The routing span [start, end) of a batch-1 request, as route() finds it."""
+        rule = self.model.awaker_config.routing_span
+        return routing_spans(inputs["input_ids"], inputs["attention_mask"], model_span_tokens(self.model), rule)[0].tolist()
+
+    def _reusable(self, run: _Run, prefix: _Prefix | None, pinned: Routing | None) -> int:
+        """How many leading prompt tokens of `run` can keep the K/V that the previous run left (0: full
+        prefill). Only when that is exactly the same computation: one sequence (no padding), a routing
+        computed by the router (not pinned) on a span that lies wholly in the shared tokens, the same
+        images there, and no image tokens among the new ones (they would need the vision tower). The
+        previous run's buffers must still exist; a longer conversation in a bigger cache copies them."""
+        if not self.reuse_prefix or prefix is None or run.batch != 1 or pinned is not None:
+            return 0
+        same = prefix.buf is run.buf
+        if not same and not any(b is prefix.buf for b in self._buffers.values()):
+            return 0  # its buffers were freed for another shape
+        if same and self.use_graphs and run.buf.graph is None:  # a capture writes junk into the cache
+            return 0
+        inputs = run.inputs
+        if inputs.get("pixel_values_videos") is not None or not bool(inputs["attention_mask"].all()):
+            return 0
+        ids = inputs["input_ids"][0].tolist()
+        shared = 0
+        for new, old in zip(ids, prefix.ids):
+            if new != old:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)  # the last prompt token goes through the model: its logits start the answer
+        if shared <= 0 or bool(image_tokens(inputs["input_ids"][:, shared:], self.model.config).any()):
+            return 0
+        grid = inputs.get("image_grid_thw")
+        if grid is not None:  # every image of the request lies in the shared tokens: it must be the cached one
+            if prefix.image_grid_thw is None or len(prefix.image_grid_thw) < len(grid) \
+                    or not torch.equal(prefix.image_grid_thw[:len(grid)], grid):
+                return 0
+            pixels = inputs["pixel_values"]
+            if len(prefix.pixel_values) < len(pixels) or not torch.equal(prefix.pixel_values[:len(pixels)], pixels):
+                return 0
+        if self.routed:
+            if prefix.routing is None or self.model.awaker_state.spans is not None:
+                return 0
+            span = self._span(inputs)
+            if span != prefix.span or span[1] > shared:
+                return 0
+        return shared
+
+    def _continue(self, run: _Run, prefix: _Prefix, shared: int) -> torch.Tensor:
+        """The prefill of a batch-1 prompt whose first `shared` tokens are in the cache already: only the
+        new tokens go through the model, into slots [shared, length); the buffers end as _prefill leaves
+        them. Returns the logits of the last prompt position [1, V]."""
+        inputs, buf = run.inputs, run.buf
+        ids = inputs["input_ids"]
+        length = ids.shape[1]
+        # mrope positions depend on the images before: computed over the whole sequence, the new ones taken
+        positions = self._positions(inputs)
+        if prefix.buf is not buf:  # the conversation outgrew its cache bucket: carry the shared K/V over
+            for i in range(len(self.layers)):
+                buf.k[i][:, :, :shared].copy_(prefix.buf.k[i][:, :, :shared])
+                buf.v[i][:, :, :shared].copy_(prefix.buf.v[i][:, :, :shared])
+        if self.routed:  # the span is in the shared tokens: the router would give the cached routing again
+            run.routing = prefix.routing
+            self.model.awaker_state.current = run.routing
+            buf.load_routing(run.routing)
+        buf.valid.zero_()
+        buf.valid[:, :length] = True
+        # new token i (slot shared + i) sees every cached slot and the new tokens up to itself
+        allowed = torch.ones(length - shared, length, device=self.device, dtype=torch.bool).tril(diagonal=shared)
+        slots = torch.arange(shared, length, device=self.device)
+        embeds = self.lm.embed_tokens(ids[:, shared:])
+        logits = self._forward(embeds, positions[:, :, shared:], _additive(allowed[None, None], self.dtype), slots,
+                               length, buf)
+        buf.pos.copy_(positions.amax(dim=(0, 2)) + 1)
+        buf.slot.fill_(length)
+        run.cached = shared
         return logits
 
     def _embed(self, inputs) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 Each turn sends the whole conversation as one request, so the answer is exactly what the model gives
 for that conversation (routing included: the routing span is the first user turn, DESIGN.md section 1).
+The engine notices that the conversation starts with what it has in its KV cache (the previous turns)
+and prefills only the new tokens (Generation.cached_prompt_tokens says how many were reused).
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class ChatSession:
 
 def stats_line(g: Generation) -> str:
     end = "" if g.finish_reason != "interrupted" else " · stopped"
-    return (f"[{g.prompt_tokens} prompt tokens · {g.new_tokens} new tokens · first token "
+    cached = f" ({g.cached_prompt_tokens} cached)" if g.cached_prompt_tokens else ""
+    return (f"[{g.prompt_tokens} prompt tokens{cached} · {g.new_tokens} new tokens · first token "
             f"{g.time_to_first_token_s:.2f} s · {g.tokens_per_s:.1f} tok/s{end}]")
 
 

@@ -84,7 +84,8 @@ def fix_bnb_model(model, dtype: torch.dtype | None):
                     p.data = p.data.to(dtype)
 
 
-def _span_tokens(model) -> SpanTokens:
+def model_span_tokens(model) -> SpanTokens:
+    """The token ids the routing span rule looks for, from the awaker config (vision_start: the model's)."""
     ids = dict(model.awaker_config.span_token_ids)
     ids.setdefault("vision_start", model.config.vision_start_token_id)
     missing = {"im_start", "im_end"} - set(ids)
@@ -104,7 +105,7 @@ def route(model, input_ids, attention_mask, embeds) -> Routing:
     if spans is None:
         if input_ids is None:
             raise AwakerError("routing needs input_ids (or explicit spans) to find the prompt span")
-        spans = routing_spans(input_ids, attention_mask, _span_tokens(model), rule)
+        spans = routing_spans(input_ids, attention_mask, model_span_tokens(model), rule)
     skip = None
     if rule == "prompt-text":
         if input_ids is None:
@@ -115,7 +116,7 @@ def route(model, input_ids, attention_mask, embeds) -> Routing:
 
 def _install_routing_hooks(model):
     state: RoutingState = model.awaker_state
-    _span_tokens(model)  # fail at load time, not at the first forward, if the config lacks them
+    model_span_tokens(model)  # fail at load time, not at the first forward, if the config lacks them
 
     def capture_request(module, args, kwargs):
         # A forward with an empty (or no) KV cache starts new sequences: route them. With a filled
