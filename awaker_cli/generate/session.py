@@ -63,8 +63,10 @@ class ChatSession:
 def stats_line(g: Generation) -> str:
     end = "" if g.finish_reason != "interrupted" else " · stopped"
     cached = f" ({g.cached_prompt_tokens} cached)" if g.cached_prompt_tokens else ""
-    return (f"[{g.prompt_tokens} prompt tokens{cached} · {g.new_tokens} new tokens · first token "
-            f"{g.time_to_first_token_s:.2f} s · {g.tokens_per_s:.1f} tok/s{end}]")
+    new = f"{g.new_tokens} new token{'' if g.new_tokens == 1 else 's'}"
+    speed = f" · {g.tokens_per_s:.1f} tok/s" if g.new_tokens > 1 else ""  # a speed needs two tokens or more
+    return (f"[{g.prompt_tokens} prompt tokens{cached} · {new} · first token "
+            f"{g.time_to_first_token_s:.2f} s{speed}{end}]")
 
 
 def interactive(session: ChatSession, *, read_line: Callable[[], str], write: Callable[[str], None],
