@@ -11,7 +11,7 @@ batch-1 roofline (bytes one decode step must read / measured copy bandwidth).
     python bench/decode.py --smoke         # the same harness on the tiny model, on the CPU (a check)
     python bench/decode.py --json out.json # also write the numbers
 
-Record results with device and date in bench/RESULTS.md (anchors: ../shared/bench/anchor_decode_h100.json).
+Record results with device and date in bench/RESULTS.md (the H100 anchors: docs/design.md section 6).
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def prompt_of(tokenizer, processor, target: int, image=None):
 
 
 def copy_bandwidth(device) -> float:
-    """Device copy bandwidth in bytes/s (read + write), as DESIGN.md's anchor measures it."""
+    """Device copy bandwidth in bytes/s (read + write), as docs/design.md's anchor measures it."""
     if device == "cpu":
         return float("nan")
     x = torch.empty(1 << 30, dtype=torch.uint8, device=device)

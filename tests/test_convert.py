@@ -1,6 +1,6 @@
 """`awaker convert`: the official Awaker2.5-VL release checkpoint -> awaker.
 
-A tiny model's state dict is built in the release's key layout (DESIGN.md section 2) with random non-zero
+A tiny model's state dict is built in the release's key layout (docs/design.md section 2) with random non-zero
 adapters and gates. The release's forward is written out here directly, with hooks on a plain transformers
 Qwen2-VL and none of awaker's layers, routing or kernels; the converted awaker model must compute the same
 logits.

@@ -43,14 +43,21 @@ def test_batch_routes_differ_and_match_single_runs(trained_like):
 def test_routing_computed_once_and_reused_in_decode(trained_like):
     model, processor = trained_like
     batch = chat_inputs(processor, PROMPTS[:2], IMAGES[:2])
-    calls = []
-    hook = model.awaker_routers.register_forward_hook(lambda m, a, out: calls.append(out))
+    calls, used = [], []  # router runs; the routing each forward (prefill, then every decode step) used
+    hooks = [model.awaker_routers.register_forward_hook(lambda m, a, out: calls.append(out)),
+             model.register_forward_hook(lambda m, a, out: used.append(model.awaker_state.current))]
     try:
         generated = model.generate(**batch, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert len(calls) == 1, "routing must run at prefill only"
     prefill_routing = calls[0]
+    assert len({tuple(r) for r in prefill_routing.expert_ids[:, :, 0].tolist()}) > 1, "the test needs mixed routes"
+    assert len(used) == 6  # one prefill + 5 decode steps
+    for step in used:
+        assert torch.equal(step.expert_ids, prefill_routing.expert_ids)
+        assert torch.equal(step.expert_weights, prefill_routing.expert_weights)
     # A full recompute (no cache) of every step routes the grown sequence from its (unchanged) prompt
     # span, so it must pick the same experts and the same tokens.
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -139,3 +146,21 @@ def test_prompt_text_engine_prefill_routes_as_the_model(tiny_moe):
             reference(**engine.encode([request]))
             assert torch.equal(g.routing.expert_ids, reference.awaker_state.current.expert_ids)
             torch.testing.assert_close(g.routing.probs, reference.awaker_state.current.probs)
+
+
+def test_continuation_is_recognised_whatever_the_cache_argument_is_called():
+    """transformers 5.24 renamed generate's `past_key_values` to `cache`; the decision must not care."""
+    from transformers import DynamicCache
+
+    from awaker_cli.model.build import continues_sequences
+
+    ids = torch.ones(2, 1, dtype=torch.long)
+    cache = DynamicCache()
+    assert not continues_sequences(ids, (), {"cache": cache, "attention_mask": torch.ones(2, 1)})
+    cache.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)  # 3 tokens cached in layer 0
+    for kwargs in ({"past_key_values": cache}, {"cache": cache}, {"kv": cache}):
+        assert continues_sequences(ids, (), kwargs)
+    assert continues_sequences(ids, (ids, cache), {})
+    assert continues_sequences(ids, (), {"attention_mask": torch.ones(2, 4)})  # mask covers cached tokens
+    assert continues_sequences(ids, (), {"cache_position": torch.tensor([3])})
+    assert not continues_sequences(ids, (), {"cache_position": torch.tensor([0]), "attention_mask": torch.ones(2, 1)})

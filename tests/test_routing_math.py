@@ -1,4 +1,4 @@
-"""The layers and routers against a direct evaluation of DESIGN.md section 1's formulas."""
+"""The layers and routers against a direct evaluation of docs/design.md section 1's formulas."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -136,7 +136,7 @@ def test_prompt_text_span_leaves_image_tokens_out(padding):
 
 
 def test_prompt_text_sees_the_question_before_the_image():
-    """'What colour is this? <image>': prompt starts at the image (DESIGN.md), prompt-text keeps the
+    """'What colour is this? <image>': prompt starts at the image (docs/design.md), prompt-text keeps the
     question, so two such questions about the same image route differently."""
     tok = SpanTokens(vision_start=3, im_start=1, im_end=2)
     rows = [[1, 9, 2, 1, 8, 7, q, 5, 3, 6, 6, 4, 2, 1, 5, 7] for q in (10, 11)]

@@ -103,16 +103,20 @@ def test_checked_before_any_weights_load(tmp_path, capsys, monkeypatch, tiny_bas
         train(load_recipe("tiny-stage1", ["model=null", f"output_dir={out}"]))
 
 
-def test_wheel_ships_the_recipes(tmp_path):
-    """The recipes are package data (awaker_cli/recipes after a plain install): check the build config
-    maps them, without building a wheel here."""
-    import tomllib
+def test_wheel_ships_the_recipes_and_the_tiny_base(tmp_path):
+    """A plain (non-editable) install must carry the recipes and the tiny base as package data: build the
+    wheel (offline, with the locked setuptools) and look inside it."""
+    import subprocess
+    import sys
+    import zipfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert config["package-dir"]["awaker_cli.recipes"] == "recipes"
-    assert "*.yaml" in config["package-data"]["awaker_cli.recipes"]
-    assert '"awaker_cli.recipes"' in (root / "setup.py").read_text()
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-w", str(tmp_path), str(root)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("awaker-*.whl"))).namelist()
     for name in SHIPPED:
-        assert (root / "recipes" / f"{name}.yaml").is_file()
+        assert f"awaker_cli/recipes/{name}.yaml" in names
+    assert "awaker_cli/assets/tiny-base/model.safetensors" in names
+    assert not [n for n in names if n.startswith(("tests/", "bench/"))]

@@ -8,7 +8,7 @@ is captured once as a CUDA graph and replayed; on the CPU the same step function
 
 The language model is driven layer by layer here instead of through transformers' forward: that
 forward builds masks and cache objects per call (host syncs, fresh allocations), which is what makes
-HF's static cache + torch.compile(reduce-overhead) fail (DESIGN.md section 6). The layers' own modules
+HF's static cache + torch.compile(reduce-overhead) fail (docs/design.md section 6). The layers' own modules
 (norms, projections, MLP, adapters and their kernels) do all the math.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A multi-turn chat over an Engine: history, images for the next turn, and the interactive loop.
 
 Each turn sends the whole conversation as one request, so the answer is exactly what the model gives
-for that conversation (routing included: the routing span is the first user turn, DESIGN.md section 1).
+for that conversation (routing included: the routing span is the first user turn, docs/design.md section 1).
 The engine notices that the conversation starts with what it has in its KV cache (the previous turns)
 and prefills only the new tokens (Generation.cached_prompt_tokens says how many were reused).
 """

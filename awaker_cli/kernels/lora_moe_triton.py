@@ -5,7 +5,7 @@ see plan.py). Every row has S = k + has_global *columns*: column j < k is its j-
 ids[b, j], column k the global expert (the last slot). The low-rank activations are kept per column,
 h[j, row] = x[row] @ A[slot]^T, in fp32 and unweighted (the backward needs them for dw).
 
-Kernels (DESIGN.md section 6):
+Kernels (docs/design.md section 6):
 - shrink: one program = one row tile x one rank tile x one K split x ONE slot; it only touches the
   rows of its tile that use the slot (found on the device from ids: no host sync, a static grid that
   CUDA graphs can capture) and exits at once when none does. A slot's A is thus read once per row
@@ -115,7 +115,7 @@ def _shrink_kernel(
             k_ok = k < K
             xt = tl.load(x_row[:, None] + k[None, :] * sxk, mask=used[:, None] & k_ok[None, :], other=0.0)
             wt = tl.load(w_e + k[:, None] * swk + n[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         for j in tl.static_range(NUM_COLS):
             sel = _col_uses(j, e, seq, row_ok, ids_ptr, sib, sij, G, NUM_ROUTED)
             ptrs = h_ptr + j * shc + rows[:, None] * shm + n[None, :] * shn
@@ -159,7 +159,7 @@ def _expand_kernel(
                 a = tl.load(h_row[:, None] + k[None, :] * shk, mask=used[:, None] & k_ok[None, :], other=0.0)
                 a = a * wt[:, None]  # routed p / global weight applied here: one dot per slot
                 b = tl.load(w_e + k[:, None] * swk + n[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+                acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     out = acc * scaling
     mask = row_ok[:, None] & n_ok[None, :]
     if HAS_BASE:  # the epilogue adds the base output: y may alias base (in-place inference)
@@ -209,7 +209,7 @@ def _wgrad_kernel(
                             mask=m_ok[:, None] & used[None, :], other=0.0)
                 q = tl.load(q_ptr + col.to(tl.int64)[:, None] * sqa + rows[:, None] * sqb + n[None, :] * sqc,
                             mask=used[:, None] & n_ok[None, :], other=0.0) * wt[:, None]
-            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION)
+            acc = tl.dot(p.to(DOT_DTYPE), q.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
     tl.store(c_ptr + e * sce + m[:, None] * scm + n[None, :] * scn, acc,
              mask=m_ok[:, None] & n_ok[None, :])
 

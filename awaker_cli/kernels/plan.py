@@ -1,6 +1,6 @@
 """Segment planning for the LoRA-MoE kernels: which order the sequences of a batch are visited in.
 
-Routing is fixed per sequence for a whole request (DESIGN.md section 1), so the grouping of sequences
+Routing is fixed per sequence for a whole request (docs/design.md section 1), so the grouping of sequences
 by expert is computed once per batch, for all routers at once, and reused by every layer and every
 decode step. A plan is an order of the sequences in which those routed to the same expert(s) are
 adjacent: the kernels tile that order, so a tile of rows needs few expert slots, and each slot's

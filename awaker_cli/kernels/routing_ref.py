@@ -1,6 +1,6 @@
 """Plain-PyTorch reference for routing: every router of the model at once, from one vector per sequence.
 
-Router r (DESIGN.md section 1): RMSNorm(eps, computed in fp32, cast back, times norm_weight[r])
+Router r (docs/design.md section 1): RMSNorm(eps, computed in fp32, cast back, times norm_weight[r])
 -> Linear(gate_weight[r], gate_bias[r]) -> softmax(logits / temperature) -> top-k.
 Probabilities are returned in fp32.
 

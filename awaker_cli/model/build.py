@@ -114,18 +114,38 @@ def route(model, input_ids, attention_mask, embeds) -> Routing:
     return model.awaker_routers(span_mean(embeds, spans.to(embeds.device), attention_mask, skip))
 
 
+def continues_sequences(input_ids, args, kwargs) -> bool:
+    """Whether a forward call continues sequences that earlier calls started (a decode step).
+
+    Decided from what the call carries, not from one keyword: transformers releases have renamed the
+    cache argument (`past_key_values` until 5.23, `cache` in 5.24), so any KV cache among the arguments
+    that already holds tokens counts, and so does an attention mask longer than the new tokens (HF's
+    mask covers the cached tokens too) or a cache_position that does not start at 0.
+    """
+    from transformers import Cache
+
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Cache) and value.get_seq_length() > 0:
+            return True
+    mask = kwargs.get("attention_mask")
+    if torch.is_tensor(input_ids) and torch.is_tensor(mask) and mask.dim() == 2 \
+            and mask.shape[-1] > input_ids.shape[-1]:
+        return True
+    position = kwargs.get("cache_position")
+    return torch.is_tensor(position) and position.numel() > 0 and int(position.reshape(-1)[0]) > 0
+
+
 def _install_routing_hooks(model):
     state: RoutingState = model.awaker_state
     model_span_tokens(model)  # fail at load time, not at the first forward, if the config lacks them
 
     def capture_request(module, args, kwargs):
-        # A forward with an empty (or no) KV cache starts new sequences: route them. With a filled
-        # cache it continues them (decode): keep the routing of their prefill.
-        past = kwargs.get("past_key_values")
-        if past is not None and past.get_seq_length() > 0:
+        # A forward with no earlier tokens starts new sequences: route them. One that continues them
+        # (decode) keeps the routing of their prefill.
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if continues_sequences(input_ids, args, kwargs):
             state._pending = None
             return
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
         state._pending = (input_ids, kwargs.get("attention_mask"))
 
     no_routers = model.awaker_config.num_routers == 0  # plain LoRA on every target (training stage I)

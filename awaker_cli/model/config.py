@@ -15,7 +15,7 @@ ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LINEARS = ATTENTION_LINEARS + MLP_LINEARS
 COMBINE_MODES = ("release", "convex")
-# prompt: DESIGN.md's span; prompt-text: that span without its image tokens (the router then sees the
+# prompt: docs/design.md's span; prompt-text: that span without its image tokens (the router then sees the
 # question, not mostly the picture); all: every token.
 SPAN_RULES = ("prompt", "prompt-text", "all")
 
@@ -42,7 +42,7 @@ class AwakerConfig:
     router_owners: dict[str, str] = field(default_factory=_release_router_owners)
     # release: y = Wx + p²·E + (1−p)·G (what the public release computes); convex: p·E + (1−p)·G.
     combine: str = "release"
-    # One of SPAN_RULES; prompt: DESIGN.md's span (from <|vision_start|> or the user turn to its <|im_end|>).
+    # One of SPAN_RULES; prompt: docs/design.md's span (from <|vision_start|> or the user turn to its <|im_end|>).
     routing_span: str = "prompt"
     # Token ids the span rule looks for, read from the base's config and tokenizer at upcycle time.
     span_token_ids: dict[str, int] = field(default_factory=dict)

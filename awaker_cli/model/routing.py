@@ -27,11 +27,11 @@ def _nth(mask: torch.Tensor, n: int) -> torch.Tensor:
 
 def routing_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tokens: SpanTokens,
                   rule: str = "prompt") -> torch.Tensor:
-    """[B, 2] half-open spans [start, end) per DESIGN.md section 1.
+    """[B, 2] half-open spans [start, end) per docs/design.md section 1.
 
     prompt:      start = first <|vision_start|> if the first user turn has an image, else 2nd <|im_start|>
                  + 2; end = 2nd <|im_end|>. (An image first seen in a later turn leaves the span on the
-                 first user turn's text: DESIGN.md's rule would give start > end there, and falling back
+                 first user turn's text: docs/design.md's rule would give start > end there, and falling back
                  to every token would let training, which sees the answers, route on more than
                  inference does.) A sample without that chat structure falls back to all its tokens.
     prompt-text: the whole first user turn, 2nd <|im_start|> + 2 to 2nd <|im_end|>, text before its

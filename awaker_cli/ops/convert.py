@@ -1,7 +1,7 @@
 """Import the official Awaker2.5-VL release checkpoint into the awaker format, streaming.
 
 The release ships one `pytorch_model.bin`: the whole state dict of its forked-peft PeftModel
-(DESIGN.md section 2). Every key carries the prefix `base_model.model.` over the hub layout:
+(docs/design.md section 2). Every key carries the prefix `base_model.model.` over the hub layout:
 
 - base tensors under their usual names (`model.layers.N.…`, `visual.…`, `lm_head.weight`; the
   adapted linears keep `.weight`/`.bias`; newer peft's `.base_layer.weight` is accepted too);

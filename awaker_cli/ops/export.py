@@ -23,7 +23,7 @@ from .rewrite import check_target, measure, no_bar, open_source, stream, write_o
 METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # transformers 5 matches skip names from the start at a dot boundary or as a suffix of the in-memory
-# module name: "visual" alone would not skip "model.visual.…" (DESIGN.md section 4).
+# module name: "visual" alone would not skip "model.visual.…" (docs/design.md section 4).
 SKIP_MODULES = ["lm_head", "visual", "model.visual"]
 
 

@@ -267,7 +267,7 @@ def chat_messages(turns: list[tuple[str, str]]) -> list[dict]:
 
 class Encoder:
     """Record -> model inputs of one sample: input_ids, labels (assistant content + <|im_end|>),
-    mm_token_type_ids, pixel_values / image_grid_thw, and the routing span [2] (DESIGN.md section 1).
+    mm_token_type_ids, pixel_values / image_grid_thw, and the routing span [2] (docs/design.md section 1).
 
     cutoff_len None keeps whole records; span_tokens None leaves the span out (the model then finds it
     itself with the same rule, as in chat and eval)."""

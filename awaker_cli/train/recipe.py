@@ -254,12 +254,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 # -- finding and loading -----------------------------------------------------------------------------
 def recipe_dirs() -> list[Path]:
-    """Where shipped recipes live: inside the installed package (awaker_cli/recipes, mapped from the
-    repository's top-level recipes/ at build time), or the checkout's recipes/ (editable installs)."""
+    """Where shipped recipes live: awaker_cli/recipes (in a checkout a link to the top-level recipes/,
+    in a wheel a copy of it)."""
     import awaker_cli
 
-    pkg = Path(awaker_cli.__file__).resolve().parent
-    return [d for d in (pkg / "recipes", pkg.parent / "recipes") if d.is_dir()]
+    return [d for d in (Path(awaker_cli.__file__).parent / "recipes",) if d.is_dir()]
 
 
 def shipped_recipes() -> list[str]:

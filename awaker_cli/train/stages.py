@@ -1,4 +1,4 @@
-"""The three stages (DESIGN.md section 1) as model set-ups: which architecture, where it starts, what trains.
+"""The three stages (docs/design.md section 1) as model set-ups: which architecture, where it starts, what trains.
 
 I   one plain LoRA on every target linear (an AwakerConfig with all seven as lora_targets and no MoE
     targets, so no routers), attached in memory to a dense Qwen2-VL; the base is frozen.
