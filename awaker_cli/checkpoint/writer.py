@@ -222,9 +222,10 @@ def check_output_dir(out: Path, force: bool):
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False):
+def atomic_output_dir(out: str | Path, force: bool = False, inputs=()):
     """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed,
-    so `out` is either untouched or complete."""
+    so `out` is either untouched or complete. `inputs`: every path the command reads (models, bases,
+    data files); `out` may not be, contain or lie inside any of them."""
     out = Path(out).resolve()
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
