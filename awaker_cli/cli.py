@@ -38,33 +38,68 @@ def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code (tests call this; `main` exits with it)."""
-    from . import commands  # noqa: F401  (registers the commands on `app`)
+# Newer typer raises its own copies of click's exceptions (typer._click, typer.Exit, typer.Abort) instead
+# of click's: catch both families, whichever typer is installed.
+try:
+    from typer._click.exceptions import ClickException as _TyperClickException
+except ImportError:  # older typer: plain click
+    _TyperClickException = click.ClickException
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_USAGE = (click.ClickException, _TyperClickException)
+_ABORT = (click.exceptions.Abort, typer.Abort, KeyboardInterrupt)
 
+
+def _error_line(label: str, message: str) -> None:
+    stderr.print(Text.assemble((label, "bold red"), message), highlight=False, soft_wrap=True)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for a filesystem failure: the path and the cause (disk full, read-only, permission)."""
+    where = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    return f"{where}: {e.strerror}" if where and e.strerror else str(e)
+
+
+def _quiet_libraries() -> None:
+    """Notices that say nothing to an awaker user: bitsandbytes' CPU backend offers to download a kernel
+    from the hub (there is a working fallback), PIL warns about large images (the processor resizes them)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code (tests call this; `main` exits with it). Usage errors and bad
+    input (AwakerError, a full disk, a read-only directory) end with one line and exit 2; Ctrl-C with
+    "interrupted" and 130; anything else is a bug in awaker: one line, exit 1."""
     global _debug
     _debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
+        from . import commands  # noqa: F401  (registers the commands on `app`; inside: Ctrl-C here too)
+
+        _quiet_libraries()
         result = app(args=argv, standalone_mode=False, prog_name="awaker")
+        if result == 130:  # typer turns Ctrl-C inside a command into Exit(130) and returns its code
+            stderr.print("interrupted")
         return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except _USAGE as e:
+        e.show()  # click's own usage message: "Usage: …" and "Error: …"
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except _ABORT:
         stderr.print("interrupted")
         return 130
-    except AwakerError as e:
+    except (AwakerError, OSError) as e:
         if _debug:
             stderr.print_exception()
-        stderr.print(Text.assemble(("error: ", "bold red"), str(e)), highlight=False, soft_wrap=True)
+        _error_line("error: ", str(e) if isinstance(e, AwakerError) else _os_error(e))
         return 2
     except Exception as e:  # a bug in awaker, not bad input: say so briefly
         if _debug:
             stderr.print_exception()
-        stderr.print(Text.assemble(("internal error: ", "bold red"), f"{type(e).__name__}: {e} "
-                                   "(run with --debug for the traceback)"), highlight=False, soft_wrap=True)
+        _error_line("internal error: ", f"{type(e).__name__}: {e} (run with --debug for the traceback)")
         return 1
 
 

@@ -23,7 +23,11 @@ def progress_bar(description: str, total: int, *, unit: str = "bytes",
                TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+        try:
+            yield lambda n: progress.advance(task, n)
+        except BaseException:
+            progress.live.transient = True  # a failed step: its error line alone, no half bar above it
+            raise
 
 
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:

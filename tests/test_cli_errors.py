@@ -75,8 +75,14 @@ def test_output_exists_needs_force(capsys, tiny_base, tmp_path):
     (out / "keep.txt").write_text("mine")
     expect_error(capsys, ["upcycle", str(tiny_base), str(out), "--rank", "4"], "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    assert run(["upcycle", str(tiny_base), str(out), "--rank", "4", "--force", "--json"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "awaker_config.json").exists()
+    # --force replaces only what awaker wrote: a directory of the user's is refused, and kept
+    expect_error(capsys, ["upcycle", str(tiny_base), str(out), "--rank", "4", "--force"], "is not an awaker output")
+    assert (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "moe"
+    assert run(["upcycle", str(tiny_base), str(mine), "--rank", "4", "--json"]) == 0
+    (mine / "stale.txt").write_text("from before")
+    assert run(["upcycle", str(tiny_base), str(mine), "--rank", "8", "--force", "--json"]) == 0
+    assert not (mine / "stale.txt").exists() and (mine / "awaker_config.json").exists()
 
 
 def test_missing_processor_files(capsys, base_copy, tmp_path):

@@ -385,8 +385,13 @@ def test_output_exists_needs_force(capsys, release, tiny_base, tmp_path):
     (out / "keep.txt").write_text("mine")
     expect_error(capsys, ["convert", str(src), str(out), "--base", str(tiny_base)], "already exists", "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    assert convert(src, out, tiny_base, "--force") == 0
-    assert not (out / "keep.txt").exists() and (out / "awaker_config.json").exists()
+    expect_error(capsys, ["convert", str(src), str(out), "--base", str(tiny_base), "--force"], "not an awaker output")
+    assert (out / "keep.txt").read_text() == "mine"
+    mine = tmp_path / "converted"
+    assert convert(src, mine, tiny_base) == 0
+    (mine / "stale.txt").write_text("from before")
+    assert convert(src, mine, tiny_base, "--force") == 0
+    assert not (mine / "stale.txt").exists() and (mine / "awaker_config.json").exists()
 
 
 class _RunsCode:

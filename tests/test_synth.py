@@ -17,7 +17,7 @@ from awaker_cli.synth.images import GRID, SIZE
 
 def _digest(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != ".awaker-output"}
 
 
 @pytest.fixture(scope="module")

@@ -53,10 +53,24 @@ def check_processor_files(directory: Path) -> list[str]:
     return names
 
 
+def _check_link(directory: Path, name: str) -> None:
+    """A file of the set may be a link only into its own model directory, or (a hub cache snapshot) into
+    the cached repository's blobs/: a link elsewhere (merges.txt -> /etc/passwd) would copy that file."""
+    path = directory / name
+    if not path.is_symlink():
+        return
+    target, home = path.resolve(), directory.resolve()
+    roots = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(target == r or r in target.parents for r in roots):
+        raise AwakerError(f"{path}: is a link to {target}, outside the model directory; copy the real file there")
+
+
 def copy_processor_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer/processor/chat-template set, byte for byte, and check the copy."""
+    """Copy the tokenizer/processor/chat-template set, byte for byte, and check the copy. Links are
+    followed only inside the model directory (or its hub cache); the copies are regular files."""
     names = check_processor_files(src)
     for name in names:
+        _check_link(src, name)
         shutil.copy2(src / name, dst / name)
         if not filecmp.cmp(src / name, dst / name, shallow=False):
             raise AwakerError(f"{dst / name}: copy differs from {src / name}")

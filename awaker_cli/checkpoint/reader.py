@@ -106,9 +106,9 @@ def read_config(directory: Path) -> dict:
     if not path.is_file():
         raise AwakerError(f"{directory}: no config.json (not a Hugging Face model directory)")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AwakerError(f"{path}: not valid JSON ({e})")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AwakerError(f"{path}: not valid UTF-8 JSON ({e})")
     if not isinstance(config, dict):
         raise AwakerError(f"{path}: not a JSON object")
     model_type = config.get("model_type")
@@ -135,8 +135,8 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.is_file():
             try:
-                self.weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                self.weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 self.weight_map = None
             if not isinstance(self.weight_map, dict):
                 raise AwakerError(f"{index}: not a valid safetensors index (needs a weight_map object)")

@@ -9,13 +9,10 @@ Two ways in, one file format:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,31 +211,3 @@ class ShardWriter:
             os.replace(self.directory / f"shard-{i:05d}.partial", self.directory / name)
         _write_index(self.directory, self._shards, names)
         return names
-
-
-def check_output_dir(out: Path, force: bool):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise AwakerError(f"{out}: already exists and is not empty (use --force to replace it)")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, force: bool = False, inputs=()):
-    """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed,
-    so `out` is either untouched or complete. `inputs`: every path the command reads (models, bases,
-    data files); `out` may not be, contain or lie inside any of them."""
-    out = Path(out).resolve()
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -37,7 +37,7 @@ def convert(
 
     shard_size = parse_size(max_shard_size)
     if not dry_run:
-        check_output_dir(out, force)  # fail before any work
+        check_output_dir(out, force, inputs=[src, base])  # fail before any work
     plan = plan_convert(src, base, alpha=alpha, max_shard_size=shard_size)
     if dry_run:
         summary = plan.summary()

@@ -16,7 +16,7 @@ def eval_(
     model: str = typer.Argument(..., help="A Qwen2-VL or awaker model directory."),
     data: Path = typer.Option(..., "--data", help="JSONL (or JSON list) in the training data format; "
                                                   "the last assistant turn is the reference, `task` is optional."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Samples generated together."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples generated together."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Longest answer generated."),
     limit: int = typer.Option(0, help="Evaluate only the first N records (0: all)."),
     predictions: Path = typer.Option(None, "--predictions", help="Write one JSON line per sample here "

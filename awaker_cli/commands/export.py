@@ -24,7 +24,7 @@ def export(
                                                                           "(off: they stay in --dtype, as in QLoRA)."),
     data: Path = typer.Option(None, "--data", help="A data file (training format) to report the quality change "
                                                    "on: loss before/after and greedy next-token agreement."),
-    batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
+    batch_size: int = typer.Option(4, min=1, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and estimated size; write nothing."),

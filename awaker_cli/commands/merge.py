@@ -24,7 +24,7 @@ def merge(
     keep_rank_sum: bool = typer.Option(False, "--keep-rank-sum", help="With --experts: keep the merged product "
                                        "exactly (rank grows to n·r; other adapters are zero-padded) instead of "
                                        "an SVD back to rank r."),
-    batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
+    batch_size: int = typer.Option(4, min=1, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print what would be written."),

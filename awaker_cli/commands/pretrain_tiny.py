@@ -15,7 +15,7 @@ from ..progress import progress_bar, stderr
 def pretrain_tiny(
     out: Path = typer.Argument(..., help="Directory to write the pretrained tiny Qwen2-VL to."),
     steps: int = typer.Option(800, help="Optimizer steps."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per step."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per step."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warmup, then cosine to a tenth)."),
     seed: int = typer.Option(0, help="Seed of the weights and of the image stream."),
     eval_samples: int = typer.Option(128, "--eval-samples", help="Held-out images per question kind for the final accuracy."),

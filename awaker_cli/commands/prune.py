@@ -21,7 +21,7 @@ def prune(
     keep: int = typer.Option(None, "--keep", help="Keep only the N most used experts on --data."),
     rank: int = typer.Option(None, "--rank", help="Reduce every LoRA to this rank by SVD (alpha follows, so the "
                                                   "scaling is unchanged)."),
-    batch_size: int = typer.Option(4, help="Records per forward pass on --data."),
+    batch_size: int = typer.Option(4, min=1, help="Records per forward pass on --data."),
     limit: int = typer.Option(None, help="Use only the first N records of --data."),
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print what would be removed; write nothing."),

@@ -16,7 +16,7 @@ def stats(
     model: str = typer.Argument(..., help="An awaker model directory."),
     data: Path = typer.Option(..., "--data", help="A data file in a training layout (JSON/JSONL with messages "
                                                   "+ images, or conversations + image; optional task field)."),
-    batch_size: int = typer.Option(4, help="Records per forward pass."),
+    batch_size: int = typer.Option(4, min=1, help="Records per forward pass."),
     limit: int = typer.Option(None, help="Use only the first N records."),
     json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):

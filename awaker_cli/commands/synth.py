@@ -10,11 +10,15 @@ from ..cli import app, print_json
 from ..progress import progress_bar, stderr
 
 
+MAX_RECORDS = 10_000_000  # a 112×112 PNG each: about 10 GB at most, not a typo's 1e13
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Directory to write train.jsonl, test.jsonl and img/ to."),
-    train: int = typer.Option(800, "--train", help="Training records (one image each)."),
-    test: int = typer.Option(160, "--test", help="Test records, from a seed stream disjoint from train's."),
+    train: int = typer.Option(800, "--train", min=0, max=MAX_RECORDS, help="Training records (one image each)."),
+    test: int = typer.Option(160, "--test", min=0, max=MAX_RECORDS,
+                             help="Test records, from a seed stream disjoint from train's."),
     seed: int = typer.Option(0, help="Dataset seed: the same seed writes the same bytes."),
     tasks: str = typer.Option("", help="Comma list of tasks (default all eight): color-word, color-json, "
                                        "count-numeral, count-word, ocr-numeral, ocr-word, caption-sentence, caption-tags."),

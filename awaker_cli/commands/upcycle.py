@@ -7,7 +7,10 @@ import typer
 from rich.markup import escape
 
 from ..cli import DEFAULT_MAX_SHARD_SIZE, app, print_json
+from ..errors import AwakerError
 from ..progress import print_rows, progress_bar, stderr
+
+MAX_EXPERTS = 64  # more needs --yes: a typo (--experts 1000000) must not quietly write gigabytes
 
 
 def _names(text: str) -> list[str]:
@@ -36,7 +39,9 @@ def upcycle(
     seed: int = typer.Option(0, help="Seed for the adapters' random initialisation."),
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier awaker output."),
+    yes: bool = typer.Option(False, "--yes", help=f"Write even a plan with more than {MAX_EXPERTS} experts or "
+                                                  "adapters larger than the base."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Turn a dense Qwen2-VL checkpoint into LoRA-MoE form.
@@ -44,7 +49,7 @@ def upcycle(
     The base tensors are copied bit for bit; q/k/v get a plain LoRA and o/gate/up/down get routed
     experts plus a global expert, all with B = 0, so the new model computes exactly what the base does.
     """
-    from ..checkpoint import check_output_dir, parse_size
+    from ..checkpoint import check_free_space, check_output_dir, parse_size
     from ..model.config import AwakerConfig
     from ..ops.upcycle import plan_upcycle, run_upcycle
 
@@ -52,13 +57,17 @@ def upcycle(
                        global_expert=global_expert, lora_targets=_names(lora_targets),
                        moe_targets=_names(moe_targets), combine=combine,
                        routing_span=routing_span).with_moe_targets_only_owners()
-    if not dry_run:
-        check_output_dir(out, force)  # fail before any work, not after the progress bar starts
     plan = plan_upcycle(base, cfg, parse_size(max_shard_size))
     if dry_run:
         summary = plan.summary()
         return print_json(summary) if json_out else _print_plan(summary)
+    check_output_dir(out, force, inputs=[plan.base.path])  # fail before any work, not after the bar starts
     total = plan.base_bytes + plan.adapter_bytes
+    if not yes and (experts > MAX_EXPERTS or plan.adapter_bytes > plan.base_bytes):
+        raise AwakerError(f"this plan adds {plan.adapter_params:,} parameters ({plan.adapter_bytes / 1e9:.2f} GB) with "
+                          f"{experts} experts to a {plan.base_bytes / 1e9:.2f} GB base; check it with --dry-run and "
+                          "pass --yes if it is what you want")
+    check_free_space(out.parent, total, "the upcycled model")
     with progress_bar("upcycle", total, enabled=not json_out) as advance:
         result = run_upcycle(plan, out, force=force, seed=seed, progress=advance)
     if json_out:

@@ -75,6 +75,16 @@ def evaluate_model(model, processor, samples: Sequence[Sample], *, batch_size: i
     return metrics, rows
 
 
+def check_predictions_path(path: str | Path, inputs) -> None:
+    """--predictions names a file to (over)write: not a directory, not the data file or inside the model."""
+    from ..checkpoint import check_not_an_input
+
+    path = Path(path)
+    if path.is_dir():
+        raise AwakerError(f"--predictions {path}: is a directory; give a file name (e.g. {path / 'preds.jsonl'})")
+    check_not_an_input(path, inputs)
+
+
 def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 16, max_new_tokens: int = 32,
              predictions: str | Path | None = None, limit: int | None = None, device: str | None = None,
              dtype: str = "auto", progress: Callable[[int], None] | None = None,
@@ -82,6 +92,8 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 
     """Evaluate a model directory on a data file (training data format). Returns the metrics dict;
     `predictions` writes one JSON line per sample (index, task, question, answer, prediction, ...).
     samples: the file's samples if the caller already read them (with the same limit)."""
+    if predictions:
+        check_predictions_path(predictions, [model_dir, data_file])
     if samples is None:
         samples = load_samples(data_file, limit)  # bad data fails before the model loads
     model, processor, kind = load_for_eval(model_dir, device, dtype)
@@ -90,9 +102,12 @@ def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 
     if predictions:
         out = Path(predictions)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".partial")  # never a half-written predictions file
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, out)
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")  # never a half-written predictions file
+        try:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     weights = model.get_input_embeddings().weight  # never quantized: the dtype the model computes in
     return {"model": str(model_dir), "kind": kind, "data": str(data_file), "device": str(weights.device),
             "dtype": str(weights.dtype).removeprefix("torch."), **metrics}

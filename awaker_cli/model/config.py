@@ -1,6 +1,8 @@
 """AwakerConfig: the LoRA-MoE settings of a model, saved beside config.json as awaker_config.json."""
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -82,15 +84,15 @@ class AwakerConfig:
             bad(f"experts must be at least 1, got {self.num_experts}")
         if self.rank < 1:
             bad(f"rank must be at least 1, got {self.rank}")
-        if self.alpha <= 0:
-            bad(f"alpha must be positive, got {self.alpha}")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            bad(f"alpha must be a positive number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
         if not 1 <= self.top_k <= self.num_experts:
             bad(f"top-k must be between 1 and the number of experts ({self.num_experts}), got {self.top_k}")
-        if self.router_temperature <= 0:
-            bad(f"router temperature must be positive, got {self.router_temperature}")
-        if self.router_noise_std < 0:
+        if not math.isfinite(self.router_temperature) or self.router_temperature <= 0:
+            bad(f"router temperature must be a positive number, got {self.router_temperature}")
+        if not math.isfinite(self.router_noise_std) or self.router_noise_std < 0:
             bad(f"router noise must be >= 0, got {self.router_noise_std}")
         for t in [*self.lora_targets, *self.moe_targets]:
             if t not in LINEARS:

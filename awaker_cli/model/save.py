@@ -36,7 +36,7 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
         # The base weights already hold the q/k/v deltas: saving them beside the LoRA would apply it twice.
         raise AwakerError("this model's q/k/v LoRA is merged into its base weights (inference only); "
                           "save the model before merging it")
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[source]) as tmp:
         tensors = dict(base_state_dict(model))
         adapters = adapter_state_dict(model) if hasattr(model, "awaker_config") else {}
         for key, t in adapters.items():
@@ -64,7 +64,7 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
                for key in base_keys]
     for key, t in adapters.items():
         entries.append(Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t))
-    with atomic_output_dir(Path(out), force) as tmp:
+    with atomic_output_dir(Path(out), force, inputs=[source.path]) as tmp:
         write_checkpoint(tmp, entries, max_shard_size)
         shutil.copy2(source.path / "config.json", tmp / "config.json")
         config.save(tmp)

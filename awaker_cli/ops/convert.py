@@ -100,6 +100,8 @@ class ReleaseSource:
     def _load_bin(self):
         import pickle
 
+        from safetensors import SafetensorError
+
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
@@ -110,7 +112,8 @@ class ReleaseSource:
                 "it holds more than tensors")
             raise AwakerError(f"{self.path}: refused: loading it would run pickled code ({why}); awaker loads "
                               "weights only (tensors and plain containers)")
-        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, SafetensorError) as e:
+            # (torch.load reads a *.safetensors name as safetensors: a renamed pickle fails there)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AwakerError(f"{self.path}: cannot read as a PyTorch checkpoint ({first})")
         if not isinstance(state, dict) or not state:
@@ -419,12 +422,13 @@ def plan_convert(src: str | Path, base_dir: str | Path | None, *, alpha: float =
 def run_convert(plan: ConvertPlan, out: str | Path, *, force: bool = False,
                 progress: Callable[[int], None] | None = None) -> dict:
     """Write the converted model into `out` atomically; progress(1) is called per source tensor."""
-    check_output_dir(Path(out), force)
+    inputs = [plan.source.path, plan.base.path]
+    check_output_dir(Path(out), force, inputs)
     source, cfg = plan.source, plan.config
     routers: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[tuple[str, int], torch.Tensor]] = {}  # module -> its expert pieces so far
     per_module = 2 * cfg.num_slots
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         writer = ShardWriter(tmp, plan.max_shard_size)
         for key, piece in plan.pieces.items():
             if piece.kind == "skip":

@@ -90,7 +90,7 @@ def export(source, out, *, quantize: str = "nf4", double_quant: bool = False, dt
         raise AwakerError("--quantize-experts needs --quantize nf4, fp4 or int8")
     ckpt, cfg = open_source(source, "export", awaker=False)
     if not dry_run:
-        check_target(ckpt, out, force)
+        check_target(ckpt, out, force, data)
     torch_dtype = DTYPES[dtype]
     linear_keys = [k for k in ckpt.tensors if _is_lm_linear_weight(k)]
     base_bf16 = sum(_bf16_bytes(ckpt.tensors[k]) for k in linear_keys)

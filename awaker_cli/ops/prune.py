@@ -43,7 +43,7 @@ def prune(source, out, *, data=None, min_share: float | None = None, keep: int |
           max_shard_size=DEFAULT_SHARD_SIZE, bar=no_bar) -> dict:
     ckpt, cfg = open_source(source, "prune")
     if not dry_run:
-        check_target(ckpt, out, force)
+        check_target(ckpt, out, force, data)
     prune_experts = min_share is not None or keep is not None
     if min_share is not None and keep is not None:
         raise AwakerError("give --min-share or --keep, not both")

@@ -46,12 +46,10 @@ def open_source(path, command: str, *, awaker: bool = True,
     return ckpt, AwakerConfig.load(ckpt.path) if has_cfg else None
 
 
-def check_target(source: Checkpoint, out: str | Path, force: bool):
-    """Refuse to write a model onto itself (with --force that would destroy the source mid-read)."""
-    out = Path(out).expanduser()
-    if out.exists() and out.resolve() == source.path.resolve():
-        raise AwakerError(f"{out}: is the source model itself; write the result to a new directory")
-    check_output_dir(out, force)
+def check_target(source: Checkpoint, out: str | Path, force: bool, data: str | Path | None = None):
+    """Before any work: OUT may not be, contain or lie inside the source model or the data file (with
+    --force that would destroy them), and replaces only an earlier awaker output."""
+    check_output_dir(out, force, inputs=[source.path, data])
 
 
 def module_paths(cfg: AwakerConfig) -> list[tuple[int, str, str]]:
@@ -103,7 +101,7 @@ def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[st
                  config_json: dict | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
     """Write a model directory atomically: the streamed tensors, config.json (the source's unless
     given), awaker_config.json (if any), the processor files and a model card."""
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[source.path]) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for key, t in tensors:
             writer.add(key, t.detach().contiguous())

@@ -72,6 +72,21 @@ def _span_token_ids(base: Checkpoint) -> dict[str, int]:
     return {"im_start": ids["<|im_start|>"], "im_end": ids["<|im_end|>"], "vision_start": vision_start}
 
 
+def expected_linear_shape(base: Checkpoint, proj: str) -> tuple[int, int]:
+    """[out, in] of a decoder linear, from the text config (head_dim given, or hidden / heads)."""
+    text = base.text_config
+    hidden = base.hidden_size
+    try:
+        heads, kv_heads = int(text["num_attention_heads"]), int(text.get("num_key_value_heads", text["num_attention_heads"]))
+        head_dim = int(text.get("head_dim") or hidden // heads)
+        inter = int(text["intermediate_size"])
+    except (KeyError, TypeError, ValueError):
+        raise AwakerError(f"{base.path / 'config.json'}: needs num_attention_heads and intermediate_size")
+    return {"q_proj": (heads * head_dim, hidden), "k_proj": (kv_heads * head_dim, hidden),
+            "v_proj": (kv_heads * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}[proj]
+
+
 def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: int) -> UpcyclePlan:
     """Check everything that can go wrong before a byte is written and list what would be written."""
     base = Checkpoint(base_path)
@@ -88,8 +103,18 @@ def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: in
             info = base.tensors.get(f"{path}.weight")
             if info is None:
                 raise AwakerError(f"{base.path}: target module {proj} not found ({path}.weight is missing)")
+            if not info.dtype.is_floating_point:
+                raise AwakerError(f"{base.path}: {path}.weight is {str(info.dtype).removeprefix('torch.')}; "
+                                  "upcycle needs a full-precision (float) checkpoint, not a quantized one")
+            expected = expected_linear_shape(base, proj)
+            if tuple(info.shape) != expected:
+                raise AwakerError(f"{base.path}: {path}.weight has shape {tuple(info.shape)}, its config.json "
+                                  f"implies {expected}")
             dtype = dtype or info.dtype
             out_features, in_features = info.shape
+            if config.rank > min(out_features, in_features):
+                raise AwakerError(f"--rank {config.rank} is larger than {proj}'s smaller side "
+                                  f"({min(out_features, in_features)}): a LoRA cannot have more rank than its layer")
             if proj in config.lora_targets:
                 adapters[f"{path}.lora_A"] = (config.rank, in_features)
                 adapters[f"{path}.lora_B"] = (out_features, config.rank)
@@ -119,14 +144,14 @@ def _init_adapter(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: tor
 def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed: int = 0,
                 progress: Callable[[int], None] | None = None) -> dict:
     """Write the upcycled model into `out` atomically. progress(n_bytes) is called per tensor."""
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, inputs=[plan.base.path])
     gen = torch.Generator().manual_seed(seed)
     base, hidden = plan.base, plan.base.hidden_size
     entries = [Entry(key, base.tensors[key].dtype, base.tensors[key].shape, source=base.tensors[key])
                for key in base.ordered_keys()]
     entries += [Entry(key, plan.dtype, shape, make=functools.partial(_init_adapter, key, shape, plan.dtype, gen, hidden))
                 for key, shape in plan.adapters.items()]
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=[base.path]) as tmp:
         shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
         plan.config.save(tmp)

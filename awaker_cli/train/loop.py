@@ -29,7 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.markup import escape
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, check_not_an_input
+from ..checkpoint.outputs import output_lock
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
 from ..model.routing import Routing, SpanTokens
@@ -200,6 +201,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
     require_paths(recipe)
     t, d = recipe.train, recipe.data
     out = Path(recipe.output_dir)
+    check_not_an_input(out, [recipe.model, recipe.init_from, *d.train])
     finished = check_output_dir(out, recipe)
     say = (lambda *a, **k: None) if quiet else stderr.print
     if finished:
@@ -210,11 +212,27 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
     records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records)
     ctx = parallel.setup_dist(t.device)
     say = say if ctx.main else (lambda *a, **k: None)
+    created = not out.exists()
     try:
-        return _run(recipe, plan, records, stats, ctx, out, say, after_step, quiet)
+        # one run per output_dir: the main process holds the lock (its other processes are the same run)
+        with output_lock(out) if ctx.main else contextlib.nullcontext():
+            try:
+                return _run(recipe, plan, records, stats, ctx, out, say, after_step, quiet)
+            except BaseException:
+                if ctx.main and created:
+                    _remove_if_nothing_trained(out)
+                raise
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
+
+
+def _remove_if_nothing_trained(out: Path):
+    """A run that fails before its first step leaves no output_dir behind (recipe.yaml alone is debris);
+    once a step was logged, the metrics of the failed run stay for reading."""
+    metrics = out / METRICS_FILE
+    if out.is_dir() and not ckpt_io.list_checkpoints(out) and not (metrics.is_file() and metrics.stat().st_size):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet) -> dict:
