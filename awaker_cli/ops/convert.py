@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (Checkpoint, ShardWriter, atomic_output_dir, check_output_dir, copy_processor_files,
-                          missing_processor_files, resolve_path, write_model_card)
+from ..checkpoint import (Checkpoint, ShardWriter, atomic_output_dir, check_free_space, check_output_dir,
+                          copy_processor_files, missing_processor_files, resolve_path, write_model_card)
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path, to_hub
 from ..checkpoint.reader import INDEX_NAME, SINGLE_NAME, read_config, read_header
 from ..errors import AwakerError
@@ -424,6 +424,7 @@ def run_convert(plan: ConvertPlan, out: str | Path, *, force: bool = False,
     """Write the converted model into `out` atomically; progress(1) is called per source tensor."""
     inputs = [plan.source.path, plan.base.path]
     check_output_dir(Path(out), force, inputs)
+    check_free_space(Path(out).parent, plan.total_bytes, "the converted model")
     source, cfg = plan.source, plan.config
     routers: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[tuple[str, int], torch.Tensor]] = {}  # module -> its expert pieces so far

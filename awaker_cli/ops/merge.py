@@ -272,7 +272,7 @@ def merge(source, out, *, expert: int | None = None, p: float | None = None, dat
 
     ckpt, cfg = open_source(source, "merge")
     if not dry_run:
-        check_target(ckpt, out, force, data)
+        check_target(ckpt, out, force, data, needed=ckpt.total_bytes)  # dense or MoE: at most the source's size
     common = dict(force=force, dry_run=dry_run, max_shard_size=max_shard_size, bar=bar)
     if keep_rank_sum and experts is None:
         raise AwakerError("--keep-rank-sum only applies to --experts")

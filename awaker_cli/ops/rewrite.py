@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, atomic_output_dir, check_output_dir,
-                          copy_processor_files, write_model_card)
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, atomic_output_dir, check_free_space,
+                          check_output_dir, copy_processor_files, write_model_card)
 from ..checkpoint.keys import ADAPTER_SUFFIXES, ROUTER_PREFIX, lm_linear
 from ..errors import AwakerError
 from ..kernels.routing_ref import router_inputs as ref_router_inputs
@@ -46,10 +46,14 @@ def open_source(path, command: str, *, awaker: bool = True,
     return ckpt, AwakerConfig.load(ckpt.path) if has_cfg else None
 
 
-def check_target(source: Checkpoint, out: str | Path, force: bool, data: str | Path | None = None):
+def check_target(source: Checkpoint, out: str | Path, force: bool, data: str | Path | None = None,
+                 needed: int | None = None):
     """Before any work: OUT may not be, contain or lie inside the source model or the data file (with
-    --force that would destroy them), and replaces only an earlier awaker output."""
+    --force that would destroy them), and replaces only an earlier awaker output; with `needed` (bytes),
+    the free space is checked too."""
     check_output_dir(out, force, inputs=[source.path, data])
+    if needed is not None:
+        check_free_space(Path(out).expanduser().parent, needed, "the output")
 
 
 def module_paths(cfg: AwakerConfig) -> list[tuple[int, str, str]]:
