@@ -279,8 +279,10 @@ class Encoder:
         except BadRecord as e:
             raise AwakerError(f"{rec.where}: {e}")
 
-    def encode(self, rec: Record) -> dict:
-        """The sample, or BadRecord."""
+    def encode(self, rec: Record, info: dict | None = None) -> dict:
+        """The sample, or BadRecord. info: filled with what `awaker data inspect` shows (the length
+        before cutoff_len, image sizes before and after resizing, image tokens), also for a record
+        that cutoff_len then rejects."""
         from PIL import Image
 
         pieces = self.pieces(rec)
@@ -311,6 +313,11 @@ class Encoder:
             ids += piece
             labels += piece if is_label else [IGNORE_INDEX] * len(piece)
         n_image_tokens = sum(counts)
+        if info is not None:
+            patch = self.processor.image_processor.patch_size
+            info.update(length=len(ids), labels=sum(1 for t in labels[1:] if t != IGNORE_INDEX), image_tokens=counts,
+                        image_sizes=[list(im.size) for im in images] if rec.images else [],
+                        resized=[[int(g[2]) * patch, int(g[1]) * patch] for g in grid] if rec.images else [])
         if queue or sum(1 for t in ids if t == self.image_token_id) != n_image_tokens:
             raise BadRecord("the image tokens do not match the images (check the <image> placeholders)")
         if self.cutoff_len is not None and len(ids) > self.cutoff_len:

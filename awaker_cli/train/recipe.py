@@ -63,10 +63,10 @@ class DataSection:
     # JSON (an array of records) or JSONL files, Hugging Face datasets (a save_to_disk folder, .parquet,
     # .arrow); the layout of each record is detected
     train: list[str] = field(default_factory=list)
+    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
     # LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)
     dataset: list[str] = field(default_factory=list)
     dataset_dir: str = "data"
-    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
     # image paths are relative to this directory if set, else to each data file's directory (registry
     # datasets: to dataset_dir)
     image_root: str | None = None
