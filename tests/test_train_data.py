@@ -326,3 +326,18 @@ def test_image_settings_override_the_processor(folder, processor):
     records, _ = read_records([write_jsonl(folder / "d.jsonl", [{**MESSAGES, "images": ["img/b.png"]}])])
     n = lambda batch: int(batch["mm_token_type_ids"].sum())  # noqa: E731
     assert n(encode(processor, records, max_pixels=56 * 56)) == 2 < n(encode(processor, records)) == 8
+
+
+def test_a_file_replaced_after_indexing_is_noticed(folder):
+    """The same path rewritten (a re-run demo, a regenerated file): a new index reads the new bytes (not
+    through a file the first index left open), an index made before refuses them."""
+    path = write_jsonl(folder / "d.jsonl", [MESSAGES, LLAVA])
+    first, _ = read_records([path])
+    unread, _ = read_records([path])
+    assert first[1].layout == "conversations"  # opens the file
+    (folder / "tmp.jsonl").write_text(json.dumps(TEXT) + "\n" + json.dumps(MESSAGES) + "\n")
+    (folder / "tmp.jsonl").replace(path)
+    new, _ = read_records([path])
+    assert [r.layout for r in new] == ["messages", "messages"] and new[0].turns[0] == ("system", "answer with a word")
+    with pytest.raises(AwakerError, match=r"d\.jsonl:2: the data file changed since it was indexed"):
+        unread[1]

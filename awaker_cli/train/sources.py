@@ -432,12 +432,23 @@ def _iter_json_array(path: Path, f, offset: int):
 _FDS: dict = {}
 
 
-def read_slice(path: Path, offset: int, length: int) -> bytes:
-    """`length` bytes at `offset`; one open file per path and process (loader workers open their own)."""
-    key = (os.getpid(), str(path))
+def file_stamp(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_slice(path: Path, stamp: tuple, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` of the file as it was indexed (`stamp`); one open file per path, version
+    and process (loader workers open their own; a file replaced under the same name is a new one)."""
+    key = (os.getpid(), str(path), stamp)
     fd = _FDS.get(key)
     if fd is None:
-        fd = _FDS[key] = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
+        if file_stamp(os.fstat(fd)) != stamp:
+            os.close(fd)
+            raise BadRecord("the data file changed since it was indexed", "data file changed")
+        for old in [k for k in _FDS if k[:2] == key[:2]]:  # an older version of the file: not read again
+            os.close(_FDS.pop(old))
+        _FDS[key] = fd
     return os.pread(fd, length, offset)
 
 
@@ -446,6 +457,7 @@ class FileSource:
 
     def __init__(self, path: Path, base: str, schema: Schema):
         self.path, self.base, self.schema = path, base, schema
+        self.stamp = file_stamp(path.stat())
         self.offsets, self.lengths, self.lines = array("q"), array("q"), array("q")
 
     def add(self, offset: int, length: int, line: int):
@@ -459,7 +471,7 @@ class FileSource:
     def record(self, j: int) -> Record:
         line = self.lines[j]
         try:
-            obj = json.loads(read_slice(self.path, self.offsets[j], self.lengths[j]).decode("utf-8"))
+            obj = json.loads(read_slice(self.path, self.stamp, self.offsets[j], self.lengths[j]).decode("utf-8"))
             return build_record(obj, self.schema, self.base, self.path, line)
         except (ValueError, OSError) as e:  # the file changed since it was indexed
             raise BadRecord(f"cannot read the record again ({type(e).__name__}); did the file change?")
@@ -482,9 +494,9 @@ def load_hf(path: Path):
     """A datasets.Dataset from a save_to_disk folder (a DatasetDict's 'train' split), parquet or arrow."""
     try:
         import datasets
-    except ImportError:
+    except ImportError as e:
         raise AwakerError(f"{path}: reading Hugging Face datasets needs the `datasets` package "
-                          "(pip install 'awaker[datasets]')")
+                          f"(pip install 'awaker[datasets]'): {e}")
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
