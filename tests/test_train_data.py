@@ -208,3 +208,136 @@ def test_step_batches_same_records_however_split():
     full = list(StepBatches(24, batch_size=2, grad_accum=2, world=1, rank=0, seed=3, shuffle=True, start_step=0,
                             total_steps=6))
     assert resumed == full[8:]  # the data position is the step
+
+
+# -- at scale: one linear pass, an index instead of the records (issue 13) ----------------------------
+def test_json_array_indexed_in_linear_time(folder):
+    """20k pretty-printed records (17 MB): the old reader counted newlines from the file start for every
+    record (quadratic: minutes here); one pass takes about a second. The bound leaves a wide margin."""
+    import time
+
+    rec = {**LLAVA, "conversations": [LLAVA["conversations"][0], {"from": "gpt", "value": "a blue square . " * 50}]}
+    (folder / "big.json").write_text(json.dumps([rec] * 20_000, indent=2))
+    t0 = time.perf_counter()
+    records, stats = read_records([folder / "big.json"])
+    assert time.perf_counter() - t0 < 10.0
+    assert len(records) == stats.records == 20_000
+    per_record = len(json.dumps(rec, indent=2).splitlines())
+    assert records[19_999].line == 2 + 19_999 * per_record  # lines counted as the pass goes
+
+
+def test_index_holds_offsets_not_records(folder):
+    """What training keeps (and sends to every loader worker) does not grow with the records' text."""
+    import pickle
+
+    long = {**TEXT, "messages": [TEXT["messages"][0], {"role": "user", "content": "word " * 20_000},
+                                 {"role": "assistant", "content": "red"}]}
+    records, _ = read_records([write_jsonl(folder / "d.jsonl", [long] * 50)])
+    size = len(pickle.dumps(records))
+    assert (folder / "d.jsonl").stat().st_size > 5_000_000 and size < 20_000, size
+    assert records[49].turns[1][1] == "word " * 20_000  # read back from the file when needed
+
+
+def test_json_array_chunks_and_utf8(folder, monkeypatch):
+    """Records cut by the reader's chunks, multi-byte characters on both sides: the same records, byte
+    offsets and lines as a whole-file parse."""
+    from awaker_cli.train import sources
+
+    recs = [{**TEXT, "messages": [{"role": "user", "content": f"{i} ünïcødé ☃ {'é' * i}"},
+                                  {"role": "assistant", "content": f"réponse {i}"}]} for i in range(30)]
+    text = "[\n" + ",\n".join(json.dumps(r, indent=1, ensure_ascii=False) for r in recs) + "\n]\n"
+    (folder / "u.json").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(sources, "CHUNK", 7)
+    records, _ = read_records([folder / "u.json"])
+    assert [r.turns for r in records] == [[("user", r["messages"][0]["content"]),
+                                           ("assistant", r["messages"][1]["content"])] for r in recs]
+    lines = [i + 1 for i, line in enumerate(text.splitlines()) if line == "{"]
+    assert [r.line for r in records] == lines
+
+
+def test_bom_null_videos_file_urls_and_system_turns(folder):
+    """Inputs uniform-schema exports and other tools write: a UTF-8 BOM, "videos": null or [], a file://
+    image path, a ShareGPT record with a system column and a system turn (the turn wins)."""
+    file_url = {**MESSAGES, "images": [(folder / "img" / "a.png").as_uri()], "videos": None}
+    both = {"system": "column", "conversations": [{"from": "system", "value": "turn"}, *LLAVA["conversations"]],
+            "image": "img/b.png", "videos": []}
+    for name, text in (("b.jsonl", "\n".join(json.dumps(r) for r in (file_url, both))),
+                       ("b.json", json.dumps([file_url, both], indent=2))):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        records, _ = read_records([folder / name])
+        assert records[0].images == [folder / "img" / "a.png"]
+        assert records[1].turns[0] == ("system", "turn") and [r for r, _ in records[1].turns].count("system") == 1
+    # the column is used when there is no system turn
+    records, _ = read_records([write_jsonl(folder / "c.jsonl", [{**LLAVA, "system": "column"}])])
+    assert records[0].turns[0] == ("system", "column")
+
+
+@pytest.mark.parametrize("tag", ["<video>", "<audio>"])
+def test_video_and_audio_tags_without_media_are_refused(folder, tag):
+    rec = {"messages": [{"role": "user", "content": f"{tag}what happens ?"}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(AwakerError, match=rf"d\.jsonl:1: has a {tag} tag: videos and audio are not supported"):
+        read_records([write_jsonl(folder / "d.jsonl", [rec])])
+    with pytest.raises(AwakerError, match="videos and audio are not supported"):
+        read_records([write_jsonl(folder / "v.jsonl", [{**MESSAGES, "videos": ["a.mp4"]}])])
+
+
+def test_answer_cut_away_by_cutoff_is_a_bad_record(folder, processor, tokens):
+    """Before, such a sample trained on nothing (loss 0, no warning)."""
+    from awaker_cli.train.data import BadRecord
+
+    long = {"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "red"}]}
+    records, _ = read_records([write_jsonl(folder / "d.jsonl", [long])])
+    enc = encoder_for(processor, tokens, cutoff=64)
+    with pytest.raises(BadRecord, match="answer starts after data.cutoff_len=64") as e:
+        enc.encode(records[0])
+    assert e.value.kind == "answer beyond cutoff_len"
+
+
+def test_dataset_skips_records_that_fail_when_decoded(folder, processor, tokens):
+    """A truncated JPEG passes the header check and fails only when decoded; with skip_bad the sample is
+    replaced by the next record and the skip reported with the sample; without, file:line stops."""
+    from awaker_cli.train.data import RecordDataset
+
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()  # noise: the scan data is most of the file, so cutting it leaves the header whole
+    noise = torch.randint(0, 256, (112, 112, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(buf, "JPEG")
+    (folder / "img" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    cut = {**MESSAGES, "images": ["img/cut.jpg"]}
+    path = write_jsonl(folder / "d.jsonl", [MESSAGES, cut, LLAVA])
+    records, stats = read_records([path])
+    assert stats.records == 3  # the header reads
+    enc = encoder_for(processor, tokens)
+    ds = RecordDataset(records, enc, skip_bad=True)
+    sample = ds[1]
+    assert sample["skipped"] == [(f"{path}:2", "image does not decode")]
+    assert torch.equal(sample["input_ids"], enc(records[2])["input_ids"])  # the next record instead
+    assert collate([ds[0], sample], 0)["skipped"] == [(f"{path}:2", "image does not decode")]
+    with pytest.raises(AwakerError, match=rf"d\.jsonl:2: cannot decode image .*skip_bad_records"):
+        RecordDataset(records, enc)[1]
+
+
+def test_image_settings_override_the_processor(folder, processor):
+    from awaker_cli.ops.records import encode
+
+    records, _ = read_records([write_jsonl(folder / "d.jsonl", [{**MESSAGES, "images": ["img/b.png"]}])])
+    n = lambda batch: int(batch["mm_token_type_ids"].sum())  # noqa: E731
+    assert n(encode(processor, records, max_pixels=56 * 56)) == 2 < n(encode(processor, records)) == 8
+
+
+def test_a_file_replaced_after_indexing_is_noticed(folder):
+    """The same path rewritten (a re-run demo, a regenerated file): a new index reads the new bytes (not
+    through a file the first index left open), an index made before refuses them."""
+    path = write_jsonl(folder / "d.jsonl", [MESSAGES, LLAVA])
+    first, _ = read_records([path])
+    unread, _ = read_records([path])
+    assert first[1].layout == "conversations"  # opens the file
+    (folder / "tmp.jsonl").write_text(json.dumps(TEXT) + "\n" + json.dumps(MESSAGES) + "\n")
+    (folder / "tmp.jsonl").replace(path)
+    new, _ = read_records([path])
+    assert [r.layout for r in new] == ["messages", "messages"] and new[0].turns[0] == ("system", "answer with a word")
+    with pytest.raises(AwakerError, match=r"d\.jsonl:2: the data file changed since it was indexed"):
+        unread[1]

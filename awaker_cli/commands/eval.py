@@ -24,6 +24,12 @@ def eval_(
     device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when a GPU is visible)."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (bf16 on a GPU, fp32 on the CPU), "
                                                      "bf16, fp16 or fp32."),
+    min_pixels: int | None = typer.Option(None, "--min-pixels", help="Smallest image size in pixels after resizing "
+                                          "(default: the model's processor; a trained model's holds its training's)."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest image size in pixels after resizing "
+                                          "(fewer pixels, fewer image tokens; default as --min-pixels)."),
+    image_root: str | None = typer.Option(None, "--image-root", help="Directory the data's image paths are relative "
+                                          "to (default: the data file's directory), as training's data.image_root."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Answer every sample greedily (batched, with the engine `awaker chat` uses) and score the answers
@@ -31,12 +37,12 @@ def eval_(
     averages; for a LoRA-MoE model also the expert histogram per task and routing purity. Runs offline."""
     from ..evaluate import evaluate, load_samples, report_table
 
-    samples = load_samples(data, limit or None)  # bad data fails before the model loads
+    samples = load_samples(data, limit or None, image_root)  # bad data fails before the model loads
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # quantized exports: load-time notices, as in chat
     with progress_bar("eval", len(samples), unit="samples", enabled=not json_out) as advance:
         result = evaluate(model, data, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           predictions=predictions, limit=limit or None, device=device, dtype=dtype,
-                          progress=advance, samples=samples)
+                          progress=advance, samples=samples, min_pixels=min_pixels, max_pixels=max_pixels)
     if json_out:
         return print_json(result)
     stderr.print(report_table(result))

@@ -18,6 +18,12 @@ def stats(
                                                   "+ images, or conversations + image; optional task field)."),
     batch_size: int = typer.Option(4, min=1, help="Records per forward pass."),
     limit: int = typer.Option(None, help="Use only the first N records."),
+    min_pixels: int | None = typer.Option(None, "--min-pixels", help="Smallest image size in pixels after resizing "
+                                          "(default: the model's processor; a trained model's holds its training's)."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest image size in pixels after resizing "
+                                          "(fewer pixels, fewer image tokens; default as --min-pixels)."),
+    image_root: str | None = typer.Option(None, "--image-root", help="Directory the data's image paths are relative "
+                                          "to (default: the data file's directory), as training's data.image_root."),
     json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):
     """Routing statistics: per router and per task, the share of records each expert gets, the mean
@@ -25,7 +31,8 @@ def stats(
     from ..ops.stats import stats as run_stats
 
     s = run_stats(model, data, batch_size=batch_size, limit=limit,
-                  bar=functools.partial(progress_bar, enabled=not json_out))
+                  bar=functools.partial(progress_bar, enabled=not json_out), min_pixels=min_pixels,
+                  max_pixels=max_pixels, image_root=image_root)
     if json_out:
         return print_json(s)
     E = s["experts"]

@@ -5,10 +5,11 @@ the assistant's) is the reference answer, every turn before it the prompt. `task
 when absent)."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.data import Record, chat_messages, read_records
+from ..train.data import ImageBytes, Record, chat_messages, read_records
 
 
 @dataclass
@@ -25,11 +26,18 @@ def sample_from_record(record: Record, index: int) -> Sample:
     """The prompt (every turn before the answer) and the reference answer (the last, assistant turn)."""
     prompt_turns, (_, answer) = record.turns[:-1], record.turns[-1]
     question = next(text for role, text in reversed(prompt_turns) if role == "user")
-    return Sample(index, record.task or "all", chat_messages(prompt_turns), question, answer, list(record.images))
+    images = [_pil(im) if isinstance(im, ImageBytes) else im for im in record.images]
+    return Sample(index, record.task or "all", chat_messages(prompt_turns), question, answer, images)
 
 
-def load_samples(path: str | Path, limit: int | None = None) -> list[Sample]:
-    """The first `limit` (default: every) sample of a JSONL/JSON file; image paths are relative to the
-    file's directory."""
-    records, _ = read_records([path], limit=limit or None, hint=None)
+def _pil(im: ImageBytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(im.data))
+
+
+def load_samples(path: str | Path, limit: int | None = None, image_root: str | None = None) -> list[Sample]:
+    """The first `limit` (default: every) sample of a data file or dataset; image paths are relative to
+    the file's directory, or to image_root."""
+    records, _ = read_records([path], limit=limit or None, hint=None, image_root=image_root)
     return [sample_from_record(r, i) for i, r in enumerate(records)]

@@ -22,12 +22,13 @@ def stop_ids(tokenizer) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id] or [tokenizer.eos_token_id]
 
 
-def eval_engine(model, processor):
+def eval_engine(model, processor, min_pixels: int | None = None, max_pixels: int | None = None):
     """An Engine for `model` that stops where eval always stopped (stop_ids) as well as where chat does.
-    The model is prepared for inference in place (see the module docstring)."""
+    The model is prepared for inference in place (see the module docstring). Images at the processor's
+    pixel limits (a trained model's processor holds its training's) unless given."""
     from ..generate import Engine
 
-    engine = Engine(model, processor)
+    engine = Engine(model, processor, min_pixels=min_pixels, max_pixels=max_pixels)
     engine.stop_ids |= set(stop_ids(processor.tokenizer))
     return engine
 

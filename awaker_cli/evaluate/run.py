@@ -43,7 +43,8 @@ def load_for_eval(model_dir: str | Path, device: str | None = None, dtype: str =
 
 
 def evaluate_model(model, processor, samples: Sequence[Sample], *, batch_size: int = 16,
-                   max_new_tokens: int = 32, progress: Callable[[int], None] | None = None) -> tuple[dict, list[dict]]:
+                   max_new_tokens: int = 32, progress: Callable[[int], None] | None = None,
+                   min_pixels: int | None = None, max_pixels: int | None = None) -> tuple[dict, list[dict]]:
     """Score `model` on `samples`; returns (metrics, predictions). Works on an in-memory model, so the
     demo and the benchmark can evaluate what they just trained without saving it first; the engine
     prepares the model for inference in place (q/k/v LoRA merged), so do not train it afterwards."""
@@ -51,7 +52,7 @@ def evaluate_model(model, processor, samples: Sequence[Sample], *, batch_size: i
         raise AwakerError("--batch-size must be at least 1")
     # A stage-I awaker model has plain LoRAs only: no routers, nothing to report about routing.
     moe = hasattr(model, "awaker_state") and bool(model.awaker_config.moe_targets)
-    engine = eval_engine(model, processor)
+    engine = eval_engine(model, processor, min_pixels, max_pixels)
     predictions, routes = [], []
     for first in range(0, len(samples), batch_size):
         chunk = samples[first:first + batch_size]
@@ -88,17 +89,19 @@ def check_predictions_path(path: str | Path, inputs) -> None:
 def evaluate(model_dir: str | Path, data_file: str | Path, *, batch_size: int = 16, max_new_tokens: int = 32,
              predictions: str | Path | None = None, limit: int | None = None, device: str | None = None,
              dtype: str = "auto", progress: Callable[[int], None] | None = None,
-             samples: Sequence[Sample] | None = None) -> dict:
+             samples: Sequence[Sample] | None = None, min_pixels: int | None = None,
+             max_pixels: int | None = None, image_root: str | None = None) -> dict:
     """Evaluate a model directory on a data file (training data format). Returns the metrics dict;
     `predictions` writes one JSON line per sample (index, task, question, answer, prediction, ...).
     samples: the file's samples if the caller already read them (with the same limit)."""
     if predictions:
         check_predictions_path(predictions, [model_dir, data_file])
     if samples is None:
-        samples = load_samples(data_file, limit)  # bad data fails before the model loads
+        samples = load_samples(data_file, limit, image_root)  # bad data fails before the model loads
     model, processor, kind = load_for_eval(model_dir, device, dtype)
     metrics, rows = evaluate_model(model, processor, samples, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=progress)
+                                   max_new_tokens=max_new_tokens, progress=progress, min_pixels=min_pixels,
+                                   max_pixels=max_pixels)
     if predictions:
         out = Path(predictions)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,17 +23,18 @@ from ..train.data import IGNORE_INDEX, Encoder, Record, collate
 __all__ = ["DataPass", "Record", "encode", "load_processor", "read_records", "run_data"]
 
 
-def read_records(path: str | Path, limit: int | None = None) -> list[Record]:
+def read_records(path: str | Path, limit: int | None = None, image_root: str | None = None):
     """The records of a `--data` file (the first `limit` only, if given), read and checked as training
     reads them; a bad record stops with `file:line: reason`."""
-    records, _ = train_data.read_records([path], limit=limit or None, hint=None)
+    records, _ = train_data.read_records([path], limit=limit or None, hint=None, image_root=image_root)
     return records
 
 
-def encode(processor, records: list[Record]) -> dict:
+def encode(processor, records: list[Record], min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
     """Model inputs of a batch of records, as training builds them: right-padded, labels on the
-    assistant tokens. No routing spans: an awaker model finds them itself with the same rule."""
-    encoder = Encoder(processor, cutoff_len=None, span_tokens=None)
+    assistant tokens. No routing spans: an awaker model finds them itself with the same rule. Images at
+    the processor's pixel limits (a trained model's processor holds its training's) unless given."""
+    encoder = Encoder(processor, cutoff_len=None, span_tokens=None, min_pixels=min_pixels, max_pixels=max_pixels)
     pad_id = processor.tokenizer.pad_token_id
     return collate([encoder(r) for r in records], 0 if pad_id is None else pad_id)
 
@@ -57,9 +58,11 @@ class DataPass:
 
 @torch.no_grad()
 def run_data(model, processor, records: list[Record], *, batch_size: int = 4,
-             progress: Callable[[int], None] | None = None) -> DataPass:
-    """Teacher-forced pass over `records`: loss, predictions and, for awaker models, the routing."""
-    awaker = hasattr(model, "awaker_routers")
+             progress: Callable[[int], None] | None = None, min_pixels: int | None = None,
+             max_pixels: int | None = None) -> DataPass:
+    """Teacher-forced pass over `records`: loss, predictions and, for awaker models with routers, the
+    routing (a stage-1 model has plain LoRAs only: no routing)."""
+    awaker = hasattr(model, "awaker_routers") and model.awaker_config.num_routers > 0
     captured: list[torch.Tensor] = []
     hook = model.awaker_routers.register_forward_hook(lambda m, a, out: captured.append(a[0].float().cpu())) \
         if awaker else None
@@ -71,7 +74,7 @@ def run_data(model, processor, records: list[Record], *, batch_size: int = 4,
             warnings.filterwarnings("ignore", message=".*inputs will be cast from")
             for start in range(0, len(records), batch_size):
                 chunk = records[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in encode(processor, chunk).items()}
+                batch = {k: v.to(device) for k, v in encode(processor, chunk, min_pixels, max_pixels).items()}
                 labels = batch.pop("labels")
                 logits = model(**batch).logits[:, :-1].float()
                 target = labels[:, 1:]

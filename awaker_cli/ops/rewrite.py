@@ -170,10 +170,11 @@ def load_any(path: str | Path, dtype: torch.dtype | None = None):
 
 
 def measure(path: str | Path, records, *, batch_size: int = 4, bar=no_bar, what: str = "measure",
-            dtype: torch.dtype | None = None):
+            dtype: torch.dtype | None = None, min_pixels: int | None = None, max_pixels: int | None = None):
     """Load the model at `path`, run it over `records` (ops.records.run_data) and free it."""
     from .records import load_processor, run_data
 
     model = load_any(path, dtype)
     with bar(f"{what} on data", len(records), unit="records") as advance:
-        return run_data(model, load_processor(path), records, batch_size=batch_size, progress=advance)
+        return run_data(model, load_processor(path), records, batch_size=batch_size, progress=advance,
+                        min_pixels=min_pixels, max_pixels=max_pixels)

@@ -74,10 +74,15 @@ def router_bank(ckpt) -> dict[str, torch.Tensor]:
 
 
 def stats(model: str | Path, data: str | Path, *, batch_size: int = 4, limit: int | None = None,
-          bar=no_bar) -> dict:
+          bar=no_bar, min_pixels: int | None = None, max_pixels: int | None = None,
+          image_root: str | None = None) -> dict:
     ckpt, cfg = open_source(model, "stats", quantized_ok=True)
-    records = read_records(data, limit)
-    run = measure(ckpt.path, records, batch_size=batch_size, bar=bar, what="route")
+    if cfg.num_routers == 0:
+        raise AwakerError(f"{ckpt.path}: a plain-LoRA model (stage 1) has no routers, so there is no routing to "
+                          "report; run stats on a LoRA-MoE model (a stage-2 or stage-3 output, or an upcycled one)")
+    records = read_records(data, limit, image_root)
+    run = measure(ckpt.path, records, batch_size=batch_size, bar=bar, what="route", min_pixels=min_pixels,
+                  max_pixels=max_pixels)
     if run.expert_ids is None:
         raise AwakerError(f"{ckpt.path}: no routing was recorded")
     return {"model": str(ckpt.path), "data": str(data), **routing_stats(cfg, run, router_bank(ckpt))}

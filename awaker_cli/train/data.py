@@ -1,27 +1,30 @@
-"""Training data: the two record layouts users already have, checked up front, encoded with the
-model's own chat template, labels on assistant tokens only, and the routing span of every sample.
+"""Training data: every record of the sources checked up front in one linear pass (only an index is
+kept), decoded lazily, encoded with the model's own chat template, labels on assistant tokens only, and
+the routing span of every sample.
 
-Layouts (detected per record unless data.format says which):
-- messages (LLaMA-Factory): {"messages": [{"role": "user", "content": "<image>What…"},
-  {"role": "assistant", "content": "…"}], "images": ["img/1.png"]}
-- conversations (LLaVA / Qwen / LLaMA-Factory sharegpt): {"image": "a.jpg", "conversations":
-  [{"from": "human", "value": "<image>\\n…"}, {"from": "gpt", "value": "…"}]}
+Sources and layouts: train/sources.py (JSON/JSONL files, Hugging Face datasets, LLaMA-Factory's
+dataset_info.json; messages, conversations/sharegpt, alpaca, content lists). Image paths are relative to
+the data file's directory (or data.image_root; a registry's dataset_dir). One `<image>` placeholder per
+image, in user turns only. An optional `task` string labels the record (stats and eval report per task).
 
-Files are JSONL (one record a line) or JSON (an array of records): the first character decides.
-Image paths are relative to the data file's directory (or data.image_root). One `<image>` placeholder
-per image, in user turns only. An optional `task` string labels the record (stats and eval report per
-task). A bad record stops the run with `file:line: reason`, or is skipped and counted with
-data.skip_bad_records. A JSON array that is not valid JSON cannot be resynchronised: that always stops
-the run.
+A bad record stops the run with `file:line: reason`, or is skipped and counted with
+data.skip_bad_records: what the index pass finds (structure, roles, placeholders, missing or unreadable
+image headers) before step 1, what only decoding finds (a truncated image, images needing more than
+cutoff_len tokens, an answer cut away by cutoff_len) in the loader, where the sample is replaced by the
+next usable record and the skip counted in metrics.jsonl. A JSON array that is not valid JSON cannot be
+resynchronised: that always stops the run.
 
-This is the one reader of chat data files: `--data` files of stats, prune, merge, export
-(ops/records.py) and eval (evaluate/data.py) are read and checked here too.
+This is the one reader of chat data: `--data` files of stats, prune, merge, export (ops/records.py) and
+eval (evaluate/data.py) and `awaker data inspect` are read and checked here too.
 """
 from __future__ import annotations
 
+import bisect
+import io
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,29 +32,14 @@ import torch
 
 from ..errors import AwakerError
 from ..model.routing import SpanTokens, routing_spans
+from .sources import (IMAGE_PLACEHOLDER, BadRecord, FileSource, HFSource, ImageBytes, Record, Schema,
+                      build_record, is_hf_source, iter_file, registry_sources)
 
-IMAGE_PLACEHOLDER = "<image>"
+__all__ = ["IGNORE_INDEX", "IMAGE_PLACEHOLDER", "BadRecord", "DataStats", "Encoder", "ImageBytes", "Record",
+           "RecordDataset", "RecordIndex", "StepBatches", "chat_messages", "collate", "read_records",
+           "record_image_settings"]
+
 IGNORE_INDEX = -100
-_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-          "bot": "assistant", "model": "assistant"}
-
-
-class BadRecord(Exception):
-    """A record that cannot be trained on; str() is the reason."""
-
-
-@dataclass
-class Record:
-    file: Path
-    line: int
-    layout: str
-    turns: list[tuple[str, str]]  # (system|user|assistant, text with <image> placeholders)
-    images: list[Path]
-    task: str | None = None
-
-    @property
-    def where(self) -> str:
-        return f"{self.file}:{self.line}"
 
 
 @dataclass
@@ -66,184 +54,153 @@ class DataStats:
         return {"records": self.records, "skipped": self.skipped, "layouts": dict(self.layouts),
                 "skip_reasons": dict(self.reasons), "files": self.files}
 
+    def skip_line(self) -> str:
+        return ", ".join(f"{reason} ({n})" for reason, n in self.reasons.most_common())
 
-# -- reading -----------------------------------------------------------------------------------------
-def _iter_raw(path: Path):
-    """(line, parsed object or a BadRecord) for every record of a JSON or JSONL file."""
-    if not path.is_file():
-        raise AwakerError(f"{path}: data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise AwakerError(f"{path}: cannot read ({e.strerror})")
-    except UnicodeDecodeError:
-        raise AwakerError(f"{path}: not UTF-8 text")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
-        return
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
+
+class RecordIndex(Sequence):
+    """The usable records of all sources, read back from their files (or datasets rows) on access.
+
+    Pickles small (offsets only), so every loader worker decodes its own records. `index[i]` raises
+    AwakerError (`file:line: reason`) for a record that no longer reads; `get(i)` raises BadRecord."""
+
+    def __init__(self, parts: list):
+        self.parts = [p for p in parts if len(p)]
+        self.starts, n = [], 0
+        for p in self.parts:
+            self.starts.append(n)
+            n += len(p)
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def locate(self, i: int):
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        k = bisect.bisect_right(self.starts, i) - 1
+        return self.parts[k], i - self.starts[k]
+
+    def where(self, i: int) -> str:
+        part, j = self.locate(i)
+        return f"{part.path}:row {part.rows[j]}" if isinstance(part, HFSource) else f"{part.path}:{part.lines[j]}"
+
+    def get(self, i: int) -> Record:
+        part, j = self.locate(i)
+        return part.record(j)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
         try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield n, BadRecord(f"bad JSON ({e.msg} at column {e.colno})")
-
-
-def _iter_json_array(path: Path, text: str):
-    decoder = json.JSONDecoder()
-    i = text.index("[") + 1
-    ws = re.compile(r"\s*")
-    first = True
-    while True:
-        i = ws.match(text, i).end()
-        if i >= len(text):
-            raise AwakerError(f"{path}:{text.count(chr(10), 0, i) + 1}: bad JSON (the array is not closed)")
-        if text[i] == "]":
-            return
-        if not first:
-            if text[i] != ",":
-                raise AwakerError(f"{path}:{text.count(chr(10), 0, i) + 1}: bad JSON (expected ',' or ']' "
-                                  "between records)")
-            i = ws.match(text, i + 1).end()
-        first = False
-        line = text.count("\n", 0, i) + 1
-        try:
-            obj, i = decoder.raw_decode(text, i)
-        except json.JSONDecodeError as e:
-            raise AwakerError(f"{path}:{e.lineno}: bad JSON ({e.msg} at column {e.colno}); "
-                              "a broken JSON array cannot be skipped")
-        yield line, obj
-
-
-def _text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise BadRecord(f"{what} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _parse(obj, fmt: str) -> tuple[str, list[tuple[str, str]], list[str], str | None]:
-    if not isinstance(obj, dict):
-        raise BadRecord(f"a record must be a JSON object, got {type(obj).__name__}")
-    has_m, has_c = "messages" in obj, "conversations" in obj
-    if has_m and has_c:
-        raise BadRecord("has both 'messages' and 'conversations'")
-    layout = "messages" if has_m else "conversations" if has_c else None
-    if layout is None:
-        raise BadRecord("no 'messages' or 'conversations' list")
-    if fmt != "auto" and layout != fmt:
-        raise BadRecord(f"is in the {layout} layout, but data.format is {fmt}")
-    if any(k in obj for k in ("video", "videos")):
-        raise BadRecord("videos are not supported")
-    raw_turns = obj[layout]
-    if not isinstance(raw_turns, list) or not raw_turns:
-        raise BadRecord(f"'{layout}' must be a non-empty list")
-    role_key, text_key = ("role", "content") if layout == "messages" else ("from", "value")
-    turns = []
-    if "system" in obj and obj["system"] is not None:
-        turns.append(("system", _text(obj["system"], "'system'")))
-    for i, t in enumerate(raw_turns, 1):
-        if not isinstance(t, dict) or role_key not in t or text_key not in t:
-            raise BadRecord(f"turn {i} needs '{role_key}' and '{text_key}'")
-        role = _ROLES.get(str(t[role_key]).lower())
-        if role is None:
-            raise BadRecord(f"turn {i} has an unknown {role_key} {t[role_key]!r}")
-        turns.append((role, _text(t[text_key], f"turn {i} {text_key}")))
-    if "images" in obj and "image" in obj:
-        raise BadRecord("has both 'image' and 'images'")
-    images = obj.get("images", obj.get("image")) or []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        raise BadRecord("'images' must be a path or a list of paths")
-    task = obj.get("task")
-    if task is not None:
-        _text(task, "'task'")
-    return layout, turns, images, task
-
-
-def _check_turns(turns: list[tuple[str, str]], n_images: int):
-    body = turns[1:] if turns[0][0] == "system" else turns
-    if not body:
-        raise BadRecord("no user or assistant turn")
-    for i, (role, text) in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            raise BadRecord(f"turn {i + 1} is a {role} turn where a {want} turn belongs "
-                            "(turns alternate user, assistant after an optional system turn)")
-        if role == "assistant" and not text.strip():
-            raise BadRecord(f"empty assistant turn (turn {i + 1})")
-        if role == "assistant" and IMAGE_PLACEHOLDER in text:
-            raise BadRecord(f"{IMAGE_PLACEHOLDER} in an assistant turn (turn {i + 1})")
-    if body[-1][0] != "assistant":
-        raise BadRecord("the last turn must be the assistant's")
-    if turns[0][0] == "system" and IMAGE_PLACEHOLDER in turns[0][1]:
-        raise BadRecord(f"{IMAGE_PLACEHOLDER} in the system turn")
-    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if placeholders != n_images:
-        raise BadRecord(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s)")
-
-
-def _resolve_images(images: list[str], base: Path) -> list[Path]:
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for p in images:
-        path = Path(p).expanduser()
-        path = path if path.is_absolute() else base / path
-        if not path.is_file():
-            raise BadRecord(f"missing image {p} (looked for {path})")
-        try:
-            with Image.open(path):  # reads the header only
-                pass
-        except (UnidentifiedImageError, OSError) as e:
-            raise BadRecord(f"image {p} is not a readable image ({type(e).__name__})")
-        out.append(path)
-    return out
+            return self.get(i)
+        except BadRecord as e:
+            raise AwakerError(f"{self.where(i)}: {e}")
 
 
 SKIP_HINT = "set data.skip_bad_records=true to skip such records"
 
 
+def data_sources(files: list[str | Path], *, fmt: str = "auto", image_root: str | None = None,
+                 dataset: str | list[str] | None = None, dataset_dir: str | None = None) -> list[tuple]:
+    """(path, schema, image base) of every source: data.train files and data.dataset registry entries."""
+    out = [(Path(f), Schema(fmt), image_root) for f in files]
+    if dataset:
+        folder = dataset_dir or "data"
+        out += [(f, schema, image_root or str(Path(folder).resolve())) for f, schema in registry_sources(dataset, folder)]
+    return out
+
+
 def read_records(files: list[str | Path], *, fmt: str = "auto", image_root: str | None = None,
-                 skip_bad: bool = False, limit: int | None = None,
-                 hint: str | None = SKIP_HINT) -> tuple[list[Record], DataStats]:
-    """Every record of every file, checked (structure, roles, placeholders, images on disk).
+                 skip_bad: bool = False, limit: int | None = None, hint: str | None = SKIP_HINT,
+                 dataset: str | list[str] | None = None, dataset_dir: str | None = None,
+                 progress=None) -> tuple[RecordIndex, DataStats]:
+    """Every record of every source checked (structure, roles, placeholders, image headers), in one
+    linear pass; what is kept is an index (RecordIndex), not the records.
 
     limit: stop after that many usable records (the rest of the data is not read).
     hint: appended in parentheses to a bad record's error (None for commands without a skip option).
+    progress: called with the number of bytes (files) or rows (datasets) done, as the pass goes.
     """
     stats = DataStats()
-    records: list[Record] = []
-    for f in files:
-        if limit is not None and len(records) >= limit:
+    parts, kept = [], 0
+    headers: dict = {}  # image path -> header problem: each distinct image is opened once
+    sources = data_sources(files, fmt=fmt, image_root=image_root, dataset=dataset, dataset_dir=dataset_dir)
+    for path, schema, root in sources:
+        if limit is not None and kept >= limit:
             break
-        path = Path(f)
         stats.files.append(str(path))
-        base = Path(image_root) if image_root else path.resolve().parent
-        for line, obj in _iter_raw(path):
-            if limit is not None and len(records) >= limit:
+        if not path.exists():
+            raise AwakerError(f"{path}: data file not found")
+        base = str(Path(root) if root else path.resolve().parent)
+        hf = is_hf_source(path)
+        part = (HFSource if hf else FileSource)(path, base, schema)
+        raw = part.iter_raw() if hf else ((o, n, line, obj) for o, n, line, obj in iter_file(path))
+        for item in raw:
+            if limit is not None and kept >= limit:
                 break
+            if hf:
+                row, obj = item
+                where = f"{path}:row {row}"
+            else:
+                offset, size, line, obj = item
+                where = f"{path}:{line}"
             try:
                 if isinstance(obj, BadRecord):
                     raise obj
-                layout, turns, images, task = _parse(obj, fmt)
-                _check_turns(turns, len(images))
-                resolved = _resolve_images(images, base)
+                # datasets rows: image bytes are checked when decoded, not read twice here
+                rec = build_record(obj, schema, base, path, row if hf else line, row=hf,
+                                   check_header=None if hf else headers)
             except BadRecord as e:
                 if not skip_bad:
-                    raise AwakerError(f"{path}:{line}: {e}" + (f" ({hint})" if hint else ""))
+                    raise AwakerError(f"{where}: {e}" + (f" ({hint})" if hint else ""))
                 stats.skipped += 1
-                stats.reasons[str(e).split(" (")[0]] += 1
+                stats.reasons[e.kind] += 1
                 continue
-            stats.layouts[layout] += 1
-            records.append(Record(path, line, layout, turns, resolved, task))
-    stats.records = len(records)
-    if not records:
-        raise AwakerError(f"no usable records in {', '.join(map(str, files))}"
-                          + (f" ({stats.skipped} skipped)" if stats.skipped else ""))
-    return records, stats
+            if hf:
+                part.add(row)
+            else:
+                part.add(offset, size, line)
+                if progress:
+                    progress(offset + size)
+            stats.layouts[rec.layout] += 1
+            kept += 1
+        parts.append(part)
+    index = RecordIndex(parts)
+    stats.records = len(index)
+    if not len(index):
+        names = ", ".join(str(p) for p, _, _ in sources) or "(no data files)"
+        raise AwakerError(f"no usable records in {names}" + (f" ({stats.skipped} skipped)" if stats.skipped else ""))
+    return index, stats
+
+
+def record_image_settings(directory: Path, min_pixels: int | None, max_pixels: int | None):
+    """Write the pixel limits a model was trained with into its processor config, so every command
+    that loads the directory's processor (stats, prune, merge, export, eval, chat) sees images as
+    training saw them."""
+    if min_pixels is None and max_pixels is None:
+        return
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        targets = [data[k] for k in ("image_processor", "video_processor") if isinstance(data.get(k), dict)]
+        if name == "preprocessor_config.json" or not targets:
+            targets = [data]
+        for ip in targets:
+            size = dict(ip.get("size") or {})
+            if min_pixels is not None:
+                size["shortest_edge"] = min_pixels
+                if "min_pixels" in ip:
+                    ip["min_pixels"] = min_pixels
+            if max_pixels is not None:
+                size["longest_edge"] = max_pixels
+                if "max_pixels" in ip:
+                    ip["max_pixels"] = max_pixels
+            ip["size"] = size
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # -- encoding ----------------------------------------------------------------------------------------
@@ -318,11 +275,14 @@ class Encoder:
 
     def __call__(self, rec: Record) -> dict:
         try:
-            return self._encode(rec)
+            return self.encode(rec)
         except BadRecord as e:
             raise AwakerError(f"{rec.where}: {e}")
 
-    def _encode(self, rec: Record) -> dict:
+    def encode(self, rec: Record, info: dict | None = None) -> dict:
+        """The sample, or BadRecord. info: filled with what `awaker data inspect` shows (the length
+        before cutoff_len, image sizes before and after resizing, image tokens), also for a record
+        that cutoff_len then rejects."""
         from PIL import Image
 
         pieces = self.pieces(rec)
@@ -332,10 +292,10 @@ class Encoder:
             images = []
             for p in rec.images:
                 try:
-                    with Image.open(p) as im:
-                        images.append(im.convert("RGB"))
-                except OSError as e:
-                    raise BadRecord(f"cannot decode image {p} ({e})")
+                    with Image.open(io.BytesIO(p.data) if isinstance(p, ImageBytes) else p) as im:
+                        images.append(im.convert("RGB"))  # decodes it all: a truncated file fails here
+                except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for broken files
+                    raise BadRecord(f"cannot decode image {p} ({e})", "image does not decode")
             out = self.processor.image_processor(images=images, size=self.image_size, return_tensors="pt")
             pixel_values, grid = out["pixel_values"], out["image_grid_thw"]
             counts = [int(g.prod()) // self.merge**2 for g in grid]
@@ -353,14 +313,23 @@ class Encoder:
             ids += piece
             labels += piece if is_label else [IGNORE_INDEX] * len(piece)
         n_image_tokens = sum(counts)
+        if info is not None:
+            patch = self.processor.image_processor.patch_size
+            info.update(length=len(ids), labels=sum(1 for t in labels[1:] if t != IGNORE_INDEX), image_tokens=counts,
+                        image_sizes=[list(im.size) for im in images] if rec.images else [],
+                        resized=[[int(g[2]) * patch, int(g[1]) * patch] for g in grid] if rec.images else [])
         if queue or sum(1 for t in ids if t == self.image_token_id) != n_image_tokens:
             raise BadRecord("the image tokens do not match the images (check the <image> placeholders)")
         if self.cutoff_len is not None and len(ids) > self.cutoff_len:
             kept = sum(1 for t in ids[: self.cutoff_len] if t == self.image_token_id)
             if kept != n_image_tokens:
                 raise BadRecord(f"its images need more than data.cutoff_len={self.cutoff_len} tokens "
-                                "(raise cutoff_len or lower data.max_pixels)")
+                                "(raise cutoff_len or lower data.max_pixels)", "images exceed cutoff_len")
             ids, labels = ids[: self.cutoff_len], labels[: self.cutoff_len]
+            # labels[0] is never a target (labels are shifted by one): no token left would train nothing
+            if all(t == IGNORE_INDEX for t in labels[1:]):
+                raise BadRecord(f"its first answer starts after data.cutoff_len={self.cutoff_len} tokens, so "
+                                "nothing of it would be trained (raise cutoff_len)", "answer beyond cutoff_len")
         input_ids = torch.tensor(ids, dtype=torch.long)
         mm = (input_ids == self.image_token_id).long()  # 1 = image token, as the processor marks them
         sample = {"input_ids": input_ids, "labels": torch.tensor(labels, dtype=torch.long),
@@ -392,18 +361,45 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None])
     if "span" in samples[0]:
         batch["spans"] = torch.stack([s["span"] for s in samples])
+    if "skipped" in samples[0]:
+        batch["skipped"] = [x for s in samples for x in s["skipped"]]
     return batch
 
 
+MAX_CONSECUTIVE_BAD = 100
+
+
 class RecordDataset(torch.utils.data.Dataset):
-    def __init__(self, records: list[Record], encoder: Encoder):
-        self.records, self.encoder = records, encoder
+    """Samples of a RecordIndex, decoded and encoded on access (in the loader workers).
+
+    skip_bad: a record that fails only now (an image that does not decode, images or answer beyond
+    cutoff_len) is replaced by the next usable record, so the step keeps its size and stays the same
+    on resume; the sample carries `skipped`, [(where, kind)], for the loop to count and report."""
+
+    def __init__(self, records, encoder: Encoder, skip_bad: bool = False, hint: str | None = SKIP_HINT):
+        self.records, self.encoder, self.skip_bad, self.hint = records, encoder, skip_bad, hint
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
-        return self.encoder(self.records[i])
+        skipped = []
+        for k in range(MAX_CONSECUTIVE_BAD):
+            j = (i + k) % len(self.records)
+            where = self.records.where(j) if isinstance(self.records, RecordIndex) else None
+            try:
+                rec = self.records.get(j) if isinstance(self.records, RecordIndex) else self.records[j]
+                where = rec.where
+                sample = self.encoder.encode(rec)
+            except BadRecord as e:
+                if not self.skip_bad:
+                    raise AwakerError(f"{where}: {e}" + (f" ({self.hint})" if self.hint else ""))
+                skipped.append((where, e.kind))
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise AwakerError(f"{MAX_CONSECUTIVE_BAD} records in a row fail to decode (from {skipped[0][0]}: "
+                          f"{skipped[0][1]}); check the data")
 
 
 class StepBatches(torch.utils.data.Sampler):

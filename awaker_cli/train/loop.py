@@ -38,7 +38,7 @@ from ..model.save import save_with_source_base
 from ..progress import stderr
 from . import parallel
 from . import state as ckpt_io
-from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, read_records
+from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, read_records, record_image_settings
 from .recipe import RUN_CONTROL_FIELDS, Recipe, diff_fields, read_yaml, require_paths
 from .stages import build_stage_model, describe_trainable, plan_stage, trainable_parameters
 
@@ -74,6 +74,94 @@ def balance_loss(routing: Routing, num_experts: int) -> torch.Tensor:
     gates = routing.probs.new_zeros(b, r, num_experts).scatter(2, routing.expert_ids, routing.probs)
     load = torch.zeros_like(gates).scatter(2, routing.expert_ids, 1.0).sum(0)
     return (_cv_squared(gates.sum(0)) + _cv_squared(load)).mean()
+
+
+def _all_sum_tensor(ctx, x: torch.Tensor) -> torch.Tensor:
+    if ctx.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+class StepBalance:
+    """The balance loss of a whole optimizer step: cv²(importance) + cv²(load) over every sequence of
+    every micro-batch and process, so it means the same at batch size 1 as at 64 (per micro-batch, one
+    sequence makes both histograms one-hot: a constant with no gradient).
+
+    The router input (the span mean of the input embeddings) does not depend on anything trained, so
+    only the routers get this loss's gradient. Each micro-batch's router input and RNG state (its noise)
+    are kept; in the step's last micro-batch the routers are re-run on them (exactly the same
+    probabilities), the importance of the other processes is added as a constant, and the loss joins
+    that micro-batch's backward, so ddp and fsdp reduce its gradient with the rest."""
+
+    def __init__(self, model, num_experts: int, ctx):
+        self.model, self.num_experts, self.ctx = model, num_experts, ctx
+        self.inputs: list[tuple[torch.Tensor, object]] = []
+        self._rng = None
+        model.awaker_routers.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module, args):
+        if module.training and torch.is_grad_enabled():
+            self.inputs.append((args[0].detach(), self._rng_state(args[0].device)))
+
+    @staticmethod
+    def _rng_state(device):
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    def _replay(self, x, rng):
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if x.device.type == "cuda":
+                torch.cuda.set_rng_state(rng, x.device)
+            else:
+                torch.set_rng_state(rng)
+            return self.model.awaker_routers(x)
+
+    def observe(self, last: bool) -> torch.Tensor | None:
+        """Call after each micro-batch's forward; the step's loss after the last one, else None."""
+        if not last:
+            return None
+        current = self.model.awaker_state.current
+        earlier, self.inputs = self.inputs[:-1], []
+        routings = [self._replay(x, rng) for x, rng in earlier] + [current]
+        probs = torch.cat([r.probs for r in routings])
+        ids = torch.cat([r.expert_ids for r in routings])
+        b, r, _ = probs.shape
+        gates = probs.new_zeros(b, r, self.num_experts).scatter(2, ids, probs)
+        importance = gates.sum(0)
+        load = torch.zeros_like(gates).scatter(2, ids, 1.0).sum(0)
+        # other processes' importance as a constant: the sum of every process's gradient is the exact one
+        importance = importance + (_all_sum_tensor(self.ctx, importance.detach()) - importance.detach())
+        load = _all_sum_tensor(self.ctx, load)
+        return (_cv_squared(importance) + _cv_squared(load)).mean()
+
+
+class _LateSkips:
+    """Counts records replaced in the loader because they failed only when decoded (distinct, per
+    process), and names the first few as they happen."""
+
+    SHOWN = 5
+
+    def __init__(self, say):
+        self.say, self.seen, self.reasons, self.new, self.total = say, set(), {}, 0, 0
+
+    def add(self, items):
+        for where, kind in items:
+            if where in self.seen:
+                continue
+            self.seen.add(where)
+            self.reasons[kind] = self.reasons.get(kind, 0) + 1
+            self.new += 1
+            if len(self.seen) <= self.SHOWN:
+                self.say(f"[yellow]skipped[/] {escape(where)}: {escape(kind)}"
+                         + (" (further skips are counted in metrics.jsonl)" if len(self.seen) == self.SHOWN else ""))
+
+    def take_new(self) -> int:
+        n, self.new = self.new, 0
+        return n
+
+    def to_dict(self) -> dict:
+        return {"skipped_while_training": self.total, "skip_reasons_while_training": dict(self.reasons)}
 
 
 # -- output directory --------------------------------------------------------------------------------
@@ -209,7 +297,8 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
         return {**finished, "output_dir": str(out), "resumed": False, "skipped": True}
 
     plan = plan_stage(recipe)  # JSON files only: every recipe problem shows before weights load
-    records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records)
+    records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records,
+                                  dataset=d.dataset, dataset_dir=d.dataset_dir)
     ctx = parallel.setup_dist(t.device)
     say = say if ctx.main else (lambda *a, **k: None)
     created = not out.exists()
@@ -246,9 +335,6 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                           f"({ctx.world} process(es) × grad_accum {t.grad_accum} × batch_size {t.batch_size})")
     total = t.max_steps or t.epochs * steps_per_epoch
     warmup = t.warmup_steps or math.ceil(t.warmup_ratio * total)
-    if stats.skipped:
-        say(f"[yellow]skipped {stats.skipped} bad record(s)[/]: "
-            + ", ".join(f"{reason} ({n})" for reason, n in stats.reasons.most_common()))
 
     processor = AutoProcessor.from_pretrained(plan.source)
     ids = plan.config.span_token_ids
@@ -308,8 +394,10 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     _check_shared(ctx, out, (out / RECIPE_FILE).is_file())
 
     trainable = describe_trainable(model)
+    skipped = (f", [yellow]{stats.skipped} bad record(s) skipped[/] ({escape(stats.skip_line())})"
+               if stats.skipped else "")
     say(f"[bold]stage {plan.stage}[/] from {plan.source}: {stats.records} records "
-        f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}), {total} steps of {global_batch} "
+        f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}){skipped}, {total} steps of {global_batch} "
         f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
         f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
         f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}; "
@@ -317,7 +405,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
 
     sampler = StepBatches(len(records), batch_size=t.batch_size, grad_accum=t.grad_accum, world=ctx.world,
                           rank=ctx.rank, seed=t.seed, shuffle=d.shuffle, start_step=start, total_steps=total)
-    loader = torch.utils.data.DataLoader(RecordDataset(records, encoder), batch_sampler=sampler,
+    dataset = RecordDataset(records, encoder, skip_bad=d.skip_bad_records)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
                                          collate_fn=functools.partial(collate, pad_id=pad_id),
                                          num_workers=d.num_workers, persistent_workers=False,
                                          # its own generator: creating the iterator must not draw from the
@@ -330,10 +419,14 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     metrics_file = out / METRICS_FILE
     window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
     last: dict = {}
+    late = _LateSkips(say)  # records that fail only when decoded (data.skip_bad_records)
+    balance = StepBalance(model, num_experts, ctx) if coef else None
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(t.grad_accum)]
+            for m in micro:
+                late.add(m.pop("skipped", []))
             local_labels = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
             local_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
             n_labels, _ = ctx.all_sum([float(local_labels), 0.0])
@@ -344,9 +437,11 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                     token_loss = token_loss_sum(net, model, m, ctx.device, t.precision)
                     loss = token_loss * (ctx.world / max(n_labels, 1.0))
                     if coef:
-                        bal = balance_loss(model.awaker_state.current, num_experts)
-                        loss = loss + coef * bal / len(micro)
-                        bal_sum += float(bal.detach()) / len(micro)
+                        # over the whole step (every micro-batch and process), added to its last backward
+                        bal = balance.observe(last=i == len(micro) - 1)
+                        if bal is not None:
+                            loss = loss + coef * bal * ctx.world  # ddp/fsdp average: world × is the sum
+                            bal_sum = float(bal.detach())
                     loss.backward()
                 loss_sum += float(token_loss.detach())
                 del loss, token_loss
@@ -360,7 +455,9 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            loss_total, tokens, bal_total = ctx.all_sum([loss_sum, float(local_tokens), bal_sum])
+            loss_total, tokens, bal_total, new_skips = ctx.all_sum([loss_sum, float(local_tokens), bal_sum,
+                                                                    float(late.take_new())])
+            late.total += int(new_skips)
             step_loss = loss_total / max(n_labels, 1.0)
             elapsed = time.perf_counter() - t0
             tokens_seen += int(tokens)
@@ -375,6 +472,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                     "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "tokens_per_s": round(tps, 1)}
             if coef:
                 last["balance_loss"] = bal_total / ctx.world
+            if d.skip_bad_records:
+                last["skipped_records"] = late.total
             progress.update(done_steps, step_loss, lr, tps)
             if ctx.main and (done_steps % t.logging_steps == 0 or done_steps == total):
                 record = {"step": done_steps, "epoch": last["epoch"], "loss": window["loss"] / window["steps"],
@@ -382,6 +481,8 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                           "tokens_seen": tokens_seen, "time": round(time.time(), 3)}
                 if coef:
                     record["balance_loss"] = window["balance"] / window["steps"]
+                if d.skip_bad_records:  # records replaced so far because they failed only when decoded
+                    record["skipped_records"] = late.total
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
@@ -411,10 +512,12 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         save_with_source_base(staged, source, adapters, plan.config, force=True,
                               title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, total, last),
                               adapter_dtype=save_dtype)
+        record_image_settings(staged, d.min_pixels, d.max_pixels)
         del adapters
         _publish_model(staged, out)
         summary = {"done": True, "stage": plan.stage, "step": total, "total_steps": total,
-                   "final_loss": last.get("loss"), "tokens_seen": tokens_seen, "data": stats.to_dict(),
+                   "final_loss": last.get("loss"), "tokens_seen": tokens_seen,
+                   "data": {**stats.to_dict(), **late.to_dict()},
                    "world_size": ctx.world}
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
@@ -422,10 +525,11 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         if not t.keep_checkpoints:
             shutil.rmtree(ckpt_io.checkpoint_root(out), ignore_errors=True)
         say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {total} steps, "
-            f"final loss {last.get('loss', float('nan')):.4f})")
+            f"final loss {last.get('loss', float('nan')):.4f}"
+            + (f"; {late.total} record(s) skipped while decoding" if late.total else "") + ")")
     ctx.barrier()
     return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
-            "resumed": resumed, "skipped": False, "data": stats.to_dict()}
+            "resumed": resumed, "skipped": False, "data": {**stats.to_dict(), **late.to_dict()}}
 
 
 def _check_shared(ctx: parallel.Dist, out: Path, seen):

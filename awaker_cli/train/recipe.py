@@ -60,10 +60,15 @@ class AdapterSection:
 
 @dataclass
 class DataSection:
-    # JSON (an array of records) or JSONL files; the layout of each record is detected
+    # JSON (an array of records) or JSONL files, Hugging Face datasets (a save_to_disk folder, .parquet,
+    # .arrow); the layout of each record is detected
     train: list[str] = field(default_factory=list)
-    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations"))
-    # image paths are relative to this directory if set, else to each data file's directory
+    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
+    # LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)
+    dataset: list[str] = field(default_factory=list)
+    dataset_dir: str = "data"
+    # image paths are relative to this directory if set, else to each data file's directory (registry
+    # datasets: to dataset_dir)
     image_root: str | None = None
     min_pixels: int | None = None  # null: the processor's own
     max_pixels: int | None = None
@@ -373,10 +378,11 @@ def require_paths(r: Recipe):
     if r.stage > 1 and not r.init_from:
         raise AwakerError(f"recipe: stage {r.stage} needs init_from, the stage-{r.stage - 1} output directory "
                           "(add init_from=PATH)")
-    if not r.data.train:
-        raise AwakerError("recipe: data.train lists no files (add data.train=PATH)")
+    if not r.data.train and not r.data.dataset:
+        raise AwakerError("recipe: no training data: add data.train=PATH, or data.dataset=NAME with "
+                          "data.dataset_dir=DIR (LLaMA-Factory's dataset_info.json)")
     for f in r.data.train:
-        if not Path(f).is_file():
+        if not Path(f).exists():
             raise AwakerError(f"recipe: data.train: {f}: no such file")
 
 
