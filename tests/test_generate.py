@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from awaker_cli.errors import AwakerError
 from awaker_cli.generate import Engine, SamplingParams
 from awaker_cli.model import decoder_layers, load_base, load_model
 
-from .conftest import randomize_adapters, solid
+from .conftest import needs_interpreter, randomize_adapters, solid
 
 N = 6  # new tokens per test generation
 
@@ -134,8 +133,8 @@ def test_pinned_routing_is_honoured(moe):
             reference.awaker_state.fixed = None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs triton's interpreter (conftest.py turns it on)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_interpreter
 def test_triton_kernels_through_the_static_routing(moe, monkeypatch):
     # The GPU path: the Triton LoRA-MoE kernels (interpreted here) reading the engine's static routing
     # copy and its per-request plans (sequences grouped by expert).

@@ -1,7 +1,8 @@
 """Triton kernels against their torch references (lora_moe_ref, routing_ref).
 
-Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported),
-or on a GPU when the caller sets TRITON_INTERPRET=0. Shapes are small and odd on purpose (hidden
+Runs compiled on a CUDA device, on the CPU through Triton's interpreter without one (conftest.py sets
+TRITON_INTERPRET before triton is imported; an explicit TRITON_INTERPRET wins; the pytest header says
+which mode ran). Shapes are small and odd on purpose (hidden
 sizes that are not a multiple of any block, ranks 1..64, 1..8 experts).
 
 Tolerances, as a fraction of the largest magnitude of the exact (float64) result:
@@ -10,30 +11,29 @@ Tolerances, as a fraction of the largest magnitude of the exact (float64) result
 """
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+from awaker_cli import kernels
+from awaker_cli.kernels import lora_moe_triton as lmt
+from awaker_cli.kernels import routing_triton as rtt
+from awaker_cli.kernels.lora_moe_ref import lora_moe_ref
+from awaker_cli.kernels.plan import make_plans
+from awaker_cli.kernels.routing_ref import routing_ref
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from .conftest import INTERPRET
 
-from awaker_cli import kernels  # noqa: E402
-from awaker_cli.kernels import lora_moe_triton as lmt  # noqa: E402
-from awaker_cli.kernels import routing_triton as rtt  # noqa: E402
-from awaker_cli.kernels.lora_moe_ref import lora_moe_ref  # noqa: E402
-from awaker_cli.kernels.plan import make_plans  # noqa: E402
-from awaker_cli.kernels.routing_ref import routing_ref  # noqa: E402
-
-DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] != "1" and torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(lmt._shrink_kernel, InterpretedFunction):
-    raise RuntimeError("the Triton kernels were imported before TRITON_INTERPRET=1 was set: "
-                       "run this file alone or set TRITON_INTERPRET=1 in the environment")
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device: compiled kernels cannot run", allow_module_level=True)
+if INTERPRET != isinstance(lmt._shrink_kernel, InterpretedFunction):
+    raise RuntimeError("triton was imported before TRITON_INTERPRET was settled: set it in the environment")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
