@@ -271,3 +271,21 @@ def test_batches_never_reuse(moe):
     engine, _ = moe
     engine.generate(REQUESTS[:2], greedy())
     assert [g.cached_prompt_tokens for g in engine.generate(REQUESTS[:2], greedy())] == [0, 0]
+
+
+def test_graph_fallback_is_said_once_with_why(moe, monkeypatch, capsys):
+    engine, _ = moe
+    want = engine.generate(REQUESTS[:1], greedy(3))[0].tokens
+
+    def fail(buf):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "_capture", fail)
+    monkeypatch.setattr(engine, "use_graphs", True)  # as on a GPU (the step itself runs on the CPU here)
+    monkeypatch.setattr(engine, "graphs_off", None)
+    capsys.readouterr()
+    assert engine.generate(REQUESTS[:1], greedy(3))[0].tokens == want
+    assert engine.generate(REQUESTS[:1], greedy(3))[0].tokens == want
+    err = capsys.readouterr().err
+    assert err.count("decoding without CUDA graphs") == 1 and "stream is capturing" in err
+    assert not engine.use_graphs and "RuntimeError" in engine.graphs_off

@@ -303,6 +303,9 @@ class Engine:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graphs_off: str | None = None  # why a GPU engine decodes without CUDA graphs (said once)
+        if self.use_graphs and (why := graph_blocker(model)) is not None:
+            self._decode_eagerly(why)
         self.images_kwargs = self._image_size(min_pixels, max_pixels)
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         self.reuse_prefix = reuse_prefix
@@ -502,14 +505,19 @@ class Engine:
     def _capture_or_fall_back(self, buf: _Buffers):
         try:
             self._capture(buf)
-        except Exception as e:  # e.g. a quantized layer that syncs the host: still correct, just slower
-            from ..progress import stderr
-
-            stderr.print(f"note: decoding without CUDA graphs ({type(e).__name__}: {e})", style="dim",
-                         markup=False, highlight=False)
-            self.use_graphs = False
+        except Exception as e:  # e.g. a layer that syncs the host: still correct, just slower
             buf.graph = None
             buf.valid.zero_()
+            self._decode_eagerly(f"capturing the decode step failed ({type(e).__name__}: {e})")
+
+    def _decode_eagerly(self, why: str):
+        """Give up CUDA graphs for this engine, saying so once, with why (also kept in `graphs_off`)."""
+        from ..progress import stderr
+
+        self.use_graphs = False
+        if self.graphs_off is None:
+            self.graphs_off = why
+            stderr.print(f"note: decoding without CUDA graphs (slower): {why}", markup=False, highlight=False)
 
     def _capture(self, buf: _Buffers):
         """Record the decode step of this buffer set as a CUDA graph (after warm-up runs that compile
@@ -704,6 +712,17 @@ class Engine:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
         return attn.o_proj(out)
+
+
+def graph_blocker(model) -> str | None:
+    """Why the decode step of `model` cannot be captured as a CUDA graph, or None."""
+    for name, module in model.named_modules():
+        threshold = getattr(getattr(module, "state", None), "threshold", 0.0)
+        if type(module).__name__ == "Linear8bitLt" and threshold > 0:
+            return (f"{name} is a bitsandbytes int8 layer with outlier threshold {threshold:g}, which checks "
+                    "for outliers on the host in every call; `awaker export --quantize int8` now writes "
+                    "threshold 0, which keeps CUDA graphs")
+    return None
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
