@@ -322,3 +322,74 @@ def test_kernels_compile_for_sm90():
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " 0 failed" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decode kernels (the generation engine's step)
+# ---------------------------------------------------------------------------------------------
+
+from awaker_cli.kernels.lora_glu_ref import lora_glu_ref  # noqa: E402
+from awaker_cli.kernels.lora_glu_triton import lora_glu_triton  # noqa: E402
+from awaker_cli.kernels.norm_ref import add_rmsnorm_ref  # noqa: E402
+from awaker_cli.kernels.norm_triton import add_rmsnorm_triton  # noqa: E402
+from awaker_cli.kernels.rope_ref import rope_kv_write_ref  # noqa: E402
+from awaker_cli.kernels.rope_triton import rope_kv_write_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,H,dtype,with_delta", [
+    pytest.param(3, 100, torch.float32, True, id="fp32"),
+    pytest.param(5, 130, torch.bfloat16, True, id="bf16"),
+    pytest.param(2, 64, torch.bfloat16, False, id="bf16-no-residual"),
+])
+def test_add_rmsnorm(rows, H, dtype, with_delta):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(rows, 1, H, generator=g) * 3).to(DEVICE, dtype)
+    d = torch.randn(rows, 1, H, generator=g).to(DEVICE, dtype) if with_delta else None
+    w = (1 + 0.3 * torch.randn(H, generator=g)).to(DEVICE, dtype)
+    h, y = add_rmsnorm_triton(x, d, w, 1e-6)
+    rh, ry = add_rmsnorm_ref(x, d, w, 1e-6)
+    assert h.shape == y.shape == x.shape and y.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one ulp (the interpreter's casts truncate)
+    if dtype == torch.float32 or not INTERPRET:  # the residual sum: the same rounding of the same add
+        assert torch.equal(h, rh)
+    assert (h.double() - rh.double()).abs().max() <= tol * rh.abs().max().double()
+    assert (y.double() - ry.double()).abs().max() <= 2 * tol * ry.abs().max().double()  # two roundings
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_write(dtype):
+    g = torch.Generator().manual_seed(6)
+    B, heads, kv_heads, D, L = 3, 4, 2, 16, 7
+    qkv = torch.randn(B, 1, (heads + 2 * kv_heads) * D, generator=g).to(DEVICE, dtype)
+    angle = torch.rand(B, 1, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(DEVICE, dtype), torch.cat([angle.sin()] * 2, -1).to(DEVICE, dtype)
+    slot = torch.tensor([4], device=DEVICE)
+    caches = [torch.randn(B, kv_heads, L, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    k1, v1 = (c.clone() for c in caches)
+    k2, v2 = (c.clone() for c in caches)
+    q1 = rope_kv_write_triton(qkv, cos, sin, k1, v1, slot, heads, kv_heads)
+    q2 = rope_kv_write_ref(qkv, cos, sin, k2, v2, slot, heads, kv_heads)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert q1.shape == q2.shape == (B, heads, 1, D)
+    assert (q1.double() - q2.double()).abs().max() <= tol * q2.abs().max().double()
+    assert (k1.double() - k2.double()).abs().max() <= tol * k2.abs().max().double()
+    assert torch.equal(v1, v2)  # values are copied as they are
+    others = torch.arange(L) != 4
+    assert torch.equal(k1[:, :, others], caches[0][:, :, others]) and torch.equal(v1[:, :, others], caches[1][:, :, others])
+
+
+@pytest.mark.parametrize("B,T,d_in,inter,r,E,k,glob,dtype,split_k", [
+    pytest.param(6, 1, 40, 72, 8, 4, 1, True, torch.float32, None, id="decode-fp32"),
+    pytest.param(5, 1, 300, 50, 16, 4, 2, True, torch.bfloat16, 3, id="decode-bf16-splitk"),
+    pytest.param(2, 9, 33, 40, 4, 2, 1, False, torch.float32, None, id="prefill-noglobal"),
+])
+def test_lora_glu(B, T, d_in, inter, r, E, k, glob, dtype, split_k):
+    base, x, A, Bw, ids, w, gw = make_case(B, T, d_in, 2 * inter, 2 * r, E, k, glob, "release", dtype, seed=7)
+    B_gate = Bw[:, :inter, :r].contiguous()
+    B_up = Bw[:, inter:, r:].contiguous()
+    plan = make_plans(ids[:, None], A.shape[0])[0]
+    got = lora_glu_triton(base, x, A, B_gate, B_up, ids, w, gw, 2.0, plan=plan, split_k=split_k)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    want = lora_glu_ref(d(base), d(x), d(A), d(B_gate), d(B_up), ids, d(w), d(gw), 2.0)
+    assert got.shape == (B, T, inter) and got.dtype == dtype
+    close(got, want, dtype, "glu")
