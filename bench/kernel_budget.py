@@ -159,7 +159,7 @@ def per_layer(engine, buf, dry: bool = True) -> dict:
     return {"step": full.total, "per_layer": (full.total - bare.total) / n, "outside_layers": bare.total,
             "layers": n, "host_syncs": sum(full.syncs.values()),
             "ops": dict(sorted(((k, v / n) for k, v in (full.ops - bare.ops).items()), key=lambda kv: -kv[1])),
-            "triton": {k: v / n for k, v in full.triton.items()}}
+            "triton": {k: v / n for k, v in (full.triton - bare.triton).items()}}
 
 
 def counting_engine(dtype=torch.bfloat16, layers: int = 2):

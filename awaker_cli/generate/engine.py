@@ -26,9 +26,10 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
+from .. import kernels
 from ..kernels import make_plans
 from ..model.build import model_span_tokens, route
-from ..model.layers import LoRALinear
+from ..model.layers import LoRALinear, MoELoRALinear
 from ..model.routing import Routing, image_tokens, routing_spans
 from .sampling import SamplingParams, sample
 
@@ -370,6 +371,43 @@ class Engine:
                 if b is not None:
                     m.bias = nn.Parameter(b, requires_grad=False)
             self.qkv.append((weight, bias))
+        self.glu = [self._fuse_gate_up(layer.mlp) for layer in self.layers]
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        # the fused residual add + RMSNorm computes Qwen2's RMSNorm: use it only for norms that are one
+        self.fused_norms = all(hasattr(m, "variance_epsilon") and hasattr(m, "weight")
+                               for m in norms + [self.lm.norm])
+
+    @torch.no_grad()
+    def _fuse_gate_up(self, mlp):
+        """gate_proj and up_proj share their input (and, in awaker, their router): one base matmul for both
+        (the weights concatenated, the modules keeping views), and for LoRA-MoE layers one shrink (the A's
+        stacked along the rank) and an expand that writes silu(gate) * up (kernels.lora_glu). None when the
+        layer does not have that form (quantized, biased, different routers...): the module runs as it is."""
+        gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+        if gate is None or up is None or not hasattr(mlp, "down_proj") \
+                or getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
+            return None
+        if type(gate) is not type(up) or gate.bias is not None or up.bias is not None \
+                or not (gate.weight.dtype.is_floating_point and up.weight.dtype.is_floating_point):
+            return None
+        if type(gate) is MoELoRALinear:
+            same = (gate.router_index == up.router_index and gate.lora_A.shape == up.lora_A.shape
+                    and gate.lora_B.shape == up.lora_B.shape and gate.scaling == up.scaling
+                    and gate.base_layer is None and up.base_layer is None)
+            if not same:
+                return None
+        elif type(gate) is not nn.Linear:
+            return None
+        weight = torch.cat([gate.weight, up.weight])
+        gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
+        up.weight = nn.Parameter(weight[gate.out_features:], requires_grad=False)
+        if type(gate) is not MoELoRALinear:
+            return (weight, None)
+        r = gate.rank
+        lora_A = torch.cat([gate.lora_A, up.lora_A], dim=1)  # [slots, 2r, in]
+        gate.lora_A = nn.Parameter(lora_A[:, :r], requires_grad=False)
+        up.lora_A = nn.Parameter(lora_A[:, r:], requires_grad=False)
+        return (weight, lora_A)
 
     # ------------------------------------------------------------------------------------------
     # requests -> model inputs
@@ -680,16 +718,56 @@ class Engine:
 
     def _forward(self, x, positions, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
         """The decoder layers over x [B, T, H] (T = prompt length or 1), writing K/V at `slots`;
-        returns the logits of the last position [B, V]."""
+        returns the logits of the last position [B, V]. Each residual add is fused with the RMSNorm
+        that follows it (kernels.add_rmsnorm: the same ops as the modules on the torch path)."""
         cos, sin = self.lm.rotary_emb(x, positions)
+        if not self.fused_norms:
+            for i, layer in enumerate(self.layers):
+                x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slots, kv_len,
+                                        buf)
+                x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x))
+            return self.model.lm_head(self.lm.norm(x[:, -1:]))[:, 0]
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slots, kv_len, buf)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.lm.norm(x[:, -1:]))[:, 0]
+            norm = layer.input_layernorm
+            x, y = kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
+            delta = self._attention(i, layer.self_attn, y, cos, sin, mask, slots, kv_len, buf)
+            norm = layer.post_attention_layernorm
+            x, y = kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
+            delta = self._mlp(i, layer.mlp, y)
+        norm = self.lm.norm
+        _, y = kernels.add_rmsnorm(x[:, -1:], None if delta is None else delta[:, -1:], norm.weight,
+                                   norm.variance_epsilon)
+        return self.model.lm_head(y)[:, 0]
+
+    def _mlp(self, i, mlp, x) -> torch.Tensor:
+        fused = self.glu[i]
+        if fused is None:
+            return mlp(x)
+        weight, lora_A = fused
+        base = F.linear(x, weight)
+        if lora_A is None:  # a dense MLP: one matmul for gate and up
+            gate, up = base.chunk(2, dim=-1)
+            return mlp.down_proj(F.silu(gate) * up)
+        g = mlp.gate_proj
+        routing = g.routing_state.routing_for(x.shape[0])
+        r = g.router_index
+        gw = None if routing.global_weight is None else routing.global_weight[:, r]
+        plan = routing.plans(lora_A.shape[0])[r] if kernels.backend_for(x) == "triton" else None
+        act = kernels.lora_glu(base, x, lora_A, g.lora_B, mlp.up_proj.lora_B, routing.expert_ids[:, r],
+                               routing.expert_weights[:, r], gw, g.scaling, plan=plan)
+        return mlp.down_proj(act)
 
     def _attention(self, i, attn, x, cos, sin, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        group = heads // kv_heads
+        if self.qkv[i] is not None and length == 1:  # decode: rope and the cache write in one kernel
+            q = kernels.rope_kv_write(F.linear(x, *self.qkv[i]), cos, sin, buf.k[i], buf.v[i], slots, heads,
+                                      kv_heads)
+            keys, values = buf.k[i][:, :, :kv_len], buf.v[i][:, :, :kv_len]
+            out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), keys, values, attn_mask=mask)
+            return attn.o_proj(out.reshape(batch, 1, heads * dim))
         if self.qkv[i] is not None:
             q, k, v = F.linear(x, *self.qkv[i]).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         else:
@@ -701,7 +779,6 @@ class Engine:
         buf.k[i].index_copy_(2, slots, k)
         buf.v[i].index_copy_(2, slots, v)
         keys, values = buf.k[i][:, :, :kv_len], buf.v[i][:, :, :kv_len]
-        group = heads // kv_heads
         if length == 1:
             # Decode: the `group` query heads of a KV head become `group` query rows against that one KV
             # head, so grouped-query attention reads the cache once instead of repeating it per head.
