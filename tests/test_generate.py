@@ -289,3 +289,14 @@ def test_graph_fallback_is_said_once_with_why(moe, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("decoding without CUDA graphs") == 1 and "stream is capturing" in err
     assert not engine.use_graphs and "RuntimeError" in engine.graphs_off
+
+
+def test_warm_up_runs_and_leaves_answers_alone(moe, capsys):
+    engine, _ = moe
+    want = engine.generate(REQUESTS[:2], greedy(3))
+    capsys.readouterr()
+    took = engine.warm_up((1, 2))
+    err = capsys.readouterr().err
+    assert "warming up" in err and "warmed up in" in err and took < 30
+    again = engine.generate(REQUESTS[:2], greedy(3))
+    assert [g.tokens for g in again] == [g.tokens for g in want] and again[0].cached_prompt_tokens == 0

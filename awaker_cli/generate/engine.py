@@ -27,7 +27,6 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
 from .. import kernels
-from ..kernels import make_plans
 from ..model.build import model_span_tokens, route
 from ..model.layers import LoRALinear, MoELoRALinear
 from ..model.routing import Routing, image_tokens, routing_spans
@@ -94,6 +93,7 @@ class _Buffers:
             # them on it: give the static routing a static plans tensor, refreshed per request.
             self.plans = torch.zeros(rk[1], batch, device=dev, dtype=torch.int32)
             self.routing._plans = self.plans
+            self.routing.refresh_views(self.num_slots)  # static per-router tensors, refreshed per request
         self.graph = None
 
     def load_routing(self, routing: Routing):
@@ -103,8 +103,7 @@ class _Buffers:
         self.routing.expert_weights.copy_(routing.expert_weights)
         if self.routing.global_weight is not None:
             self.routing.global_weight.copy_(routing.global_weight)
-        if self.plans is not None:
-            self.plans.copy_(make_plans(self.routing.expert_ids, self.num_slots))
+        self.routing.refresh_views(self.num_slots)  # the plans and the per-router tensors the layers read
 
 
 @dataclass
@@ -467,6 +466,29 @@ class Engine:
         """One request's answer as text pieces while it is generated."""
         return TokenStream(self, self._start([request], params or SamplingParams()))
 
+    def warm_up(self, batch_sizes: Sequence[int] = (1,), *, quiet: bool = False) -> float:
+        """Compile the kernels and capture the decode step before the first request, so that the first
+        answer on a bare GPU is not late by the compile time: a long prompt (the prefill tiling) and a
+        short one (the decode tiling, and the graph of the shortest cache bucket) for each batch size,
+        two new tokens each. Says what it does on stderr (unless quiet); returns the seconds it took.
+        The routing and cache it leaves are not reused by a later request."""
+        from ..progress import stderr
+
+        t = time.perf_counter()
+        if not quiet:
+            stderr.print("warming up: compiling the kernels and capturing the decode step ...", markup=False,
+                         highlight=False)
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        long = " ".join(["the quick brown fox jumps over the lazy dog ."] * 30)  # past the 256-row prefill tiling
+        for batch in batch_sizes:
+            for prompt in (long, "hello"):
+                self.generate([prompt] * batch, params)
+        self._prefix = None
+        took = time.perf_counter() - t
+        if not quiet:
+            stderr.print(f"warmed up in {took:.1f} s", markup=False, highlight=False)
+        return took
+
     @property
     def last_routing(self) -> Routing | None:
         """The routing of the last prefill (every sequence of its batch)."""
@@ -750,12 +772,8 @@ class Engine:
             gate, up = base.chunk(2, dim=-1)
             return mlp.down_proj(F.silu(gate) * up)
         g = mlp.gate_proj
-        routing = g.routing_state.routing_for(x.shape[0])
-        r = g.router_index
-        gw = None if routing.global_weight is None else routing.global_weight[:, r]
-        plan = routing.plans(lora_A.shape[0])[r] if kernels.backend_for(x) == "triton" else None
-        act = kernels.lora_glu(base, x, lora_A, g.lora_B, mlp.up_proj.lora_B, routing.expert_ids[:, r],
-                               routing.expert_weights[:, r], gw, g.scaling, plan=plan)
+        ids, weights, gw, plan = g.routing_state.routing_for(x.shape[0]).for_router(g.router_index, lora_A.shape[0])
+        act = kernels.lora_glu(base, x, lora_A, g.lora_B, mlp.up_proj.lora_B, ids, weights, gw, g.scaling, plan=plan)
         return mlp.down_proj(act)
 
     def _attention(self, i, attn, x, cos, sin, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
