@@ -8,7 +8,17 @@ device); returns the rotated queries [B, heads, 1, D].
 from __future__ import annotations
 
 import torch
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """transformers' Qwen2-VL apply_rotary_pos_emb (the engine's prefill uses that one), op for op."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
 
 
 def rope_kv_write_ref(qkv, cos, sin, k_cache, v_cache, slot, heads: int, kv_heads: int) -> torch.Tensor:
