@@ -40,7 +40,8 @@ def quantize_decoder_linears(model, method: str, dtype: torch.dtype):
                     continue
                 shape = (linear.in_features, linear.out_features)
                 if method == "int8":
-                    q = bnb.nn.Linear8bitLt(*shape, bias=linear.bias is not None, has_fp16_weights=False)
+                    q = bnb.nn.Linear8bitLt(*shape, bias=linear.bias is not None, has_fp16_weights=False,
+                                           threshold=0.0)  # as `awaker export` writes: graph-capturable
                     q.weight = bnb.nn.Int8Params(linear.weight.data.to(dtype), requires_grad=False,
                                                  has_fp16_weights=False)
                 else:

@@ -4,11 +4,23 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# No GPU in CI: Triton kernels run in its interpreter (must be set before triton is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Triton kernels run compiled on a CUDA device and in Triton's interpreter without one (CI); an explicit
+# TRITON_INTERPRET wins. Set before triton is imported. (Triton 3.6's interpreter breaks with numpy 2,
+# which the GPU machine has: there the kernel tests must run compiled.)
+if os.environ.get("TRITON_INTERPRET", "").strip() == "":
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
+INTERPRET = os.environ["TRITON_INTERPRET"].strip() == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="runs Triton kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+def pytest_report_header(config):
+    if INTERPRET:
+        return "triton kernels: interpreted on the CPU (TRITON_INTERPRET=1)"
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device: kernel tests skip"
+    return f"triton kernels: compiled (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, {where})"
 from PIL import Image
 
 from awaker_cli.cli import run

@@ -11,6 +11,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from awaker_cli.checkpoint import Checkpoint
 from awaker_cli.cli import run
 from awaker_cli.model import load_model
+from awaker_cli.generate.engine import graph_blocker
 from awaker_cli.ops.export import quantize_weight
 
 from .conftest import chat_inputs, solid
@@ -116,6 +117,12 @@ def test_baked_int8_export_loads_in_plain_transformers(random_moe, tmp_path, cap
     model = Qwen2VLForConditionalGeneration.from_pretrained(out)
     layer = model.model.language_model.layers[1].mlp.gate_proj
     assert isinstance(layer, bnb.nn.Linear8bitLt)
+    # threshold 0: no host-side outlier check per call, so the engine can capture decode as a CUDA graph
+    assert Checkpoint(out).config["quantization_config"]["llm_int8_threshold"] == 0.0
+    assert layer.state.threshold == 0.0 and graph_blocker(model) is None
+    layer.state.threshold = 6.0
+    assert "outlier threshold 6" in graph_blocker(model)
+    layer.state.threshold = 0.0
     source = Checkpoint(dense).get(f"{KEY}.weight")
     ours = quantize_weight(source, "int8", double_quant=False, dtype=torch.float16)
     assert torch.equal(layer.weight.data, ours["weight"]) and torch.equal(layer.weight.SCB, ours["SCB"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from awaker_cli.errors import AwakerError
 from awaker_cli.generate import Engine, SamplingParams
 from awaker_cli.model import decoder_layers, load_base, load_model
 
-from .conftest import randomize_adapters, solid
+from .conftest import needs_interpreter, randomize_adapters, solid
 
 N = 6  # new tokens per test generation
 
@@ -134,8 +133,8 @@ def test_pinned_routing_is_honoured(moe):
             reference.awaker_state.fixed = None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs triton's interpreter (conftest.py turns it on)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@needs_interpreter
 def test_triton_kernels_through_the_static_routing(moe, monkeypatch):
     # The GPU path: the Triton LoRA-MoE kernels (interpreted here) reading the engine's static routing
     # copy and its per-request plans (sequences grouped by expert).
@@ -272,3 +271,32 @@ def test_batches_never_reuse(moe):
     engine, _ = moe
     engine.generate(REQUESTS[:2], greedy())
     assert [g.cached_prompt_tokens for g in engine.generate(REQUESTS[:2], greedy())] == [0, 0]
+
+
+def test_graph_fallback_is_said_once_with_why(moe, monkeypatch, capsys):
+    engine, _ = moe
+    want = engine.generate(REQUESTS[:1], greedy(3))[0].tokens
+
+    def fail(buf):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(engine, "_capture", fail)
+    monkeypatch.setattr(engine, "use_graphs", True)  # as on a GPU (the step itself runs on the CPU here)
+    monkeypatch.setattr(engine, "graphs_off", None)
+    capsys.readouterr()
+    assert engine.generate(REQUESTS[:1], greedy(3))[0].tokens == want
+    assert engine.generate(REQUESTS[:1], greedy(3))[0].tokens == want
+    err = capsys.readouterr().err
+    assert err.count("decoding without CUDA graphs") == 1 and "stream is capturing" in err
+    assert not engine.use_graphs and "RuntimeError" in engine.graphs_off
+
+
+def test_warm_up_runs_and_leaves_answers_alone(moe, capsys):
+    engine, _ = moe
+    want = engine.generate(REQUESTS[:2], greedy(3))
+    capsys.readouterr()
+    took = engine.warm_up((1, 2))
+    err = capsys.readouterr().err
+    assert "warming up" in err and "warmed up in" in err and took < 30
+    again = engine.generate(REQUESTS[:2], greedy(3))
+    assert [g.tokens for g in again] == [g.tokens for g in want] and again[0].cached_prompt_tokens == 0

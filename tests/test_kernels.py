@@ -1,7 +1,8 @@
 """Triton kernels against their torch references (lora_moe_ref, routing_ref).
 
-Runs on the CPU through Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported),
-or on a GPU when the caller sets TRITON_INTERPRET=0. Shapes are small and odd on purpose (hidden
+Runs compiled on a CUDA device, on the CPU through Triton's interpreter without one (conftest.py sets
+TRITON_INTERPRET before triton is imported; an explicit TRITON_INTERPRET wins; the pytest header says
+which mode ran). Shapes are small and odd on purpose (hidden
 sizes that are not a multiple of any block, ranks 1..64, 1..8 experts).
 
 Tolerances, as a fraction of the largest magnitude of the exact (float64) result:
@@ -10,30 +11,29 @@ Tolerances, as a fraction of the largest magnitude of the exact (float64) result
 """
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+from awaker_cli import kernels
+from awaker_cli.kernels import lora_moe_triton as lmt
+from awaker_cli.kernels import routing_triton as rtt
+from awaker_cli.kernels.lora_moe_ref import lora_moe_ref
+from awaker_cli.kernels.plan import make_plans
+from awaker_cli.kernels.routing_ref import routing_ref
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from .conftest import INTERPRET
 
-from awaker_cli import kernels  # noqa: E402
-from awaker_cli.kernels import lora_moe_triton as lmt  # noqa: E402
-from awaker_cli.kernels import routing_triton as rtt  # noqa: E402
-from awaker_cli.kernels.lora_moe_ref import lora_moe_ref  # noqa: E402
-from awaker_cli.kernels.plan import make_plans  # noqa: E402
-from awaker_cli.kernels.routing_ref import routing_ref  # noqa: E402
-
-DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] != "1" and torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not isinstance(lmt._shrink_kernel, InterpretedFunction):
-    raise RuntimeError("the Triton kernels were imported before TRITON_INTERPRET=1 was set: "
-                       "run this file alone or set TRITON_INTERPRET=1 in the environment")
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET=0 and no CUDA device: compiled kernels cannot run", allow_module_level=True)
+if INTERPRET != isinstance(lmt._shrink_kernel, InterpretedFunction):
+    raise RuntimeError("triton was imported before TRITON_INTERPRET was settled: set it in the environment")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
@@ -195,6 +195,31 @@ def test_lora_moe_same_expert_twice():
           torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_is_deterministic_and_exact(dtype):
+    """Small integers everywhere (h is exact in fp32 whatever the order of the adds): every K split
+    choice gives the same bits (fp32: the exact result), so each split's partial is summed exactly once
+    (the poisoned buffers also show that nothing relies on a zeroed one). Repeated calls with random
+    values give the same bits too (the partials are reduced in split order, never atomically)."""
+    g = torch.Generator().manual_seed(4)
+    B, d_in, d_out, r, E = 5, 300, 40, 16, 4
+    ints = lambda *shape: torch.randint(-2, 3, shape, generator=g).to(DEVICE, dtype)  # noqa: E731
+    base, x, A, Bw = ints(B, 1, d_out), ints(B, 1, d_in), ints(E + 1, r, d_in), ints(E + 1, d_out, r)
+    ids = torch.randint(0, E, (B, 2), generator=g).to(DEVICE)
+    w = torch.tensor([0.5, 0.25], device=DEVICE).expand(B, 2).contiguous()
+    gw = torch.full((B,), 0.25, device=DEVICE)
+    one = lmt.lora_moe_triton(base.clone(), x, A, Bw, ids, w, gw, 0.5, split_k=1)
+    if dtype == torch.float32:  # (bf16 rounds the output and, on a GPU, h before the expand's dot)
+        assert torch.equal(one.double(), exact(base, x, A, Bw, ids, w, gw, 0.5))
+    for split_k in (2, 3, 5):
+        got = lmt.lora_moe_triton(base.clone(), x, A, Bw, ids, w, gw, 0.5, split_k=split_k)
+        assert torch.equal(got, one), f"split_k={split_k}"
+    base, x, A, Bw, ids, w, gw = make_case(6, 1, 300, 40, 16, 4, 2, True, "release", dtype, seed=9)
+    first = lmt.lora_moe_triton(base.clone(), x, A, Bw, ids, w, gw, 2.0, split_k=3)
+    for _ in range(2):
+        assert torch.equal(lmt.lora_moe_triton(base.clone(), x, A, Bw, ids, w, gw, 2.0, split_k=3), first)
+
+
 def test_make_plans_groups_sequences_by_expert():
     ids = torch.tensor([[[2, 0], [1, 0]], [[0, 1], [1, 2]], [[2, 1], [0, 1]], [[0, 2], [1, 0]]])  # [B=4, R=2, k=2]
     plans = make_plans(ids, 4)
@@ -297,3 +322,74 @@ def test_kernels_compile_for_sm90():
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " 0 failed" in run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused decode kernels (the generation engine's step)
+# ---------------------------------------------------------------------------------------------
+
+from awaker_cli.kernels.lora_glu_ref import lora_glu_ref  # noqa: E402
+from awaker_cli.kernels.lora_glu_triton import lora_glu_triton  # noqa: E402
+from awaker_cli.kernels.norm_ref import add_rmsnorm_ref  # noqa: E402
+from awaker_cli.kernels.norm_triton import add_rmsnorm_triton  # noqa: E402
+from awaker_cli.kernels.rope_ref import rope_kv_write_ref  # noqa: E402
+from awaker_cli.kernels.rope_triton import rope_kv_write_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("rows,H,dtype,with_delta", [
+    pytest.param(3, 100, torch.float32, True, id="fp32"),
+    pytest.param(5, 130, torch.bfloat16, True, id="bf16"),
+    pytest.param(2, 64, torch.bfloat16, False, id="bf16-no-residual"),
+])
+def test_add_rmsnorm(rows, H, dtype, with_delta):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(rows, 1, H, generator=g) * 3).to(DEVICE, dtype)
+    d = torch.randn(rows, 1, H, generator=g).to(DEVICE, dtype) if with_delta else None
+    w = (1 + 0.3 * torch.randn(H, generator=g)).to(DEVICE, dtype)
+    h, y = add_rmsnorm_triton(x, d, w, 1e-6)
+    rh, ry = add_rmsnorm_ref(x, d, w, 1e-6)
+    assert h.shape == y.shape == x.shape and y.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: one ulp (the interpreter's casts truncate)
+    if dtype == torch.float32 or not INTERPRET:  # the residual sum: the same rounding of the same add
+        assert torch.equal(h, rh)
+    assert (h.double() - rh.double()).abs().max() <= tol * rh.abs().max().double()
+    assert (y.double() - ry.double()).abs().max() <= 2 * tol * ry.abs().max().double()  # two roundings
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kv_write(dtype):
+    g = torch.Generator().manual_seed(6)
+    B, heads, kv_heads, D, L = 3, 4, 2, 16, 7
+    qkv = torch.randn(B, 1, (heads + 2 * kv_heads) * D, generator=g).to(DEVICE, dtype)
+    angle = torch.rand(B, 1, D // 2, generator=g) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(DEVICE, dtype), torch.cat([angle.sin()] * 2, -1).to(DEVICE, dtype)
+    slot = torch.tensor([4], device=DEVICE)
+    caches = [torch.randn(B, kv_heads, L, D, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    k1, v1 = (c.clone() for c in caches)
+    k2, v2 = (c.clone() for c in caches)
+    q1 = rope_kv_write_triton(qkv, cos, sin, k1, v1, slot, heads, kv_heads)
+    q2 = rope_kv_write_ref(qkv, cos, sin, k2, v2, slot, heads, kv_heads)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert q1.shape == q2.shape == (B, heads, 1, D)
+    assert (q1.double() - q2.double()).abs().max() <= tol * q2.abs().max().double()
+    assert (k1.double() - k2.double()).abs().max() <= tol * k2.abs().max().double()
+    assert torch.equal(v1, v2)  # values are copied as they are
+    others = torch.arange(L) != 4
+    assert torch.equal(k1[:, :, others], caches[0][:, :, others]) and torch.equal(v1[:, :, others], caches[1][:, :, others])
+
+
+@pytest.mark.parametrize("B,T,d_in,inter,r,E,k,glob,dtype,split_k", [
+    pytest.param(6, 1, 40, 72, 8, 4, 1, True, torch.float32, None, id="decode-fp32"),
+    pytest.param(5, 1, 300, 50, 16, 4, 2, True, torch.bfloat16, 3, id="decode-bf16-splitk"),
+    pytest.param(2, 9, 33, 40, 4, 2, 1, False, torch.float32, None, id="prefill-noglobal"),
+])
+def test_lora_glu(B, T, d_in, inter, r, E, k, glob, dtype, split_k):
+    base, x, A, Bw, ids, w, gw = make_case(B, T, d_in, 2 * inter, 2 * r, E, k, glob, "release", dtype, seed=7)
+    B_gate = Bw[:, :inter, :r].contiguous()
+    B_up = Bw[:, inter:, r:].contiguous()
+    plan = make_plans(ids[:, None], A.shape[0])[0]
+    got = lora_glu_triton(base, x, A, B_gate, B_up, ids, w, gw, 2.0, plan=plan, split_k=split_k)
+    d = lambda t: t.double() if t is not None else None  # noqa: E731
+    want = lora_glu_ref(d(base), d(x), d(A), d(B_gate), d(B_up), ids, d(w), d(gw), 2.0)
+    assert got.shape == (B, T, inter) and got.dtype == dtype
+    close(got, want, dtype, "glu")

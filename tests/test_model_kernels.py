@@ -7,7 +7,9 @@ from transformers import AutoProcessor
 
 from awaker_cli.model import load_model
 
-from .conftest import chat_inputs, randomize_adapters, solid
+from .conftest import chat_inputs, needs_interpreter, randomize_adapters, solid
+
+pytestmark = needs_interpreter
 
 
 @pytest.fixture(scope="module")

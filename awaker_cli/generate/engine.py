@@ -26,9 +26,9 @@ from torch import nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
-from ..kernels import make_plans
+from .. import kernels
 from ..model.build import model_span_tokens, route
-from ..model.layers import LoRALinear
+from ..model.layers import LoRALinear, MoELoRALinear
 from ..model.routing import Routing, image_tokens, routing_spans
 from .sampling import SamplingParams, sample
 
@@ -93,6 +93,7 @@ class _Buffers:
             # them on it: give the static routing a static plans tensor, refreshed per request.
             self.plans = torch.zeros(rk[1], batch, device=dev, dtype=torch.int32)
             self.routing._plans = self.plans
+            self.routing.refresh_views(self.num_slots)  # static per-router tensors, refreshed per request
         self.graph = None
 
     def load_routing(self, routing: Routing):
@@ -102,8 +103,7 @@ class _Buffers:
         self.routing.expert_weights.copy_(routing.expert_weights)
         if self.routing.global_weight is not None:
             self.routing.global_weight.copy_(routing.global_weight)
-        if self.plans is not None:
-            self.plans.copy_(make_plans(self.routing.expert_ids, self.num_slots))
+        self.routing.refresh_views(self.num_slots)  # the plans and the per-router tensors the layers read
 
 
 @dataclass
@@ -303,6 +303,9 @@ class Engine:
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.graphs_off: str | None = None  # why a GPU engine decodes without CUDA graphs (said once)
+        if self.use_graphs and (why := graph_blocker(model)) is not None:
+            self._decode_eagerly(why)
         self.images_kwargs = self._image_size(min_pixels, max_pixels)
         self._buffers: OrderedDict[tuple[int, int], _Buffers] = OrderedDict()
         self.reuse_prefix = reuse_prefix
@@ -367,6 +370,43 @@ class Engine:
                 if b is not None:
                     m.bias = nn.Parameter(b, requires_grad=False)
             self.qkv.append((weight, bias))
+        self.glu = [self._fuse_gate_up(layer.mlp) for layer in self.layers]
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+        # the fused residual add + RMSNorm computes Qwen2's RMSNorm: use it only for norms that are one
+        self.fused_norms = all(hasattr(m, "variance_epsilon") and hasattr(m, "weight")
+                               for m in norms + [self.lm.norm])
+
+    @torch.no_grad()
+    def _fuse_gate_up(self, mlp):
+        """gate_proj and up_proj share their input (and, in awaker, their router): one base matmul for both
+        (the weights concatenated, the modules keeping views), and for LoRA-MoE layers one shrink (the A's
+        stacked along the rank) and an expand that writes silu(gate) * up (kernels.lora_glu). None when the
+        layer does not have that form (quantized, biased, different routers...): the module runs as it is."""
+        gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+        if gate is None or up is None or not hasattr(mlp, "down_proj") \
+                or getattr(mlp, "act_fn", None).__class__.__name__ not in ("SiLU", "SiLUActivation"):
+            return None
+        if type(gate) is not type(up) or gate.bias is not None or up.bias is not None \
+                or not (gate.weight.dtype.is_floating_point and up.weight.dtype.is_floating_point):
+            return None
+        if type(gate) is MoELoRALinear:
+            same = (gate.router_index == up.router_index and gate.lora_A.shape == up.lora_A.shape
+                    and gate.lora_B.shape == up.lora_B.shape and gate.scaling == up.scaling
+                    and gate.base_layer is None and up.base_layer is None)
+            if not same:
+                return None
+        elif type(gate) is not nn.Linear:
+            return None
+        weight = torch.cat([gate.weight, up.weight])
+        gate.weight = nn.Parameter(weight[: gate.out_features], requires_grad=False)
+        up.weight = nn.Parameter(weight[gate.out_features:], requires_grad=False)
+        if type(gate) is not MoELoRALinear:
+            return (weight, None)
+        r = gate.rank
+        lora_A = torch.cat([gate.lora_A, up.lora_A], dim=1)  # [slots, 2r, in]
+        gate.lora_A = nn.Parameter(lora_A[:, :r], requires_grad=False)
+        up.lora_A = nn.Parameter(lora_A[:, r:], requires_grad=False)
+        return (weight, lora_A)
 
     # ------------------------------------------------------------------------------------------
     # requests -> model inputs
@@ -425,6 +465,29 @@ class Engine:
     def stream(self, request: Request, params: SamplingParams | None = None) -> TokenStream:
         """One request's answer as text pieces while it is generated."""
         return TokenStream(self, self._start([request], params or SamplingParams()))
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,), *, quiet: bool = False) -> float:
+        """Compile the kernels and capture the decode step before the first request, so that the first
+        answer on a bare GPU is not late by the compile time: a long prompt (the prefill tiling) and a
+        short one (the decode tiling, and the graph of the shortest cache bucket) for each batch size,
+        two new tokens each. Says what it does on stderr (unless quiet); returns the seconds it took.
+        The routing and cache it leaves are not reused by a later request."""
+        from ..progress import stderr
+
+        t = time.perf_counter()
+        if not quiet:
+            stderr.print("warming up: compiling the kernels and capturing the decode step ...", markup=False,
+                         highlight=False)
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        long = " ".join(["the quick brown fox jumps over the lazy dog ."] * 30)  # past the 256-row prefill tiling
+        for batch in batch_sizes:
+            for prompt in (long, "hello"):
+                self.generate([prompt] * batch, params)
+        self._prefix = None
+        took = time.perf_counter() - t
+        if not quiet:
+            stderr.print(f"warmed up in {took:.1f} s", markup=False, highlight=False)
+        return took
 
     @property
     def last_routing(self) -> Routing | None:
@@ -502,14 +565,19 @@ class Engine:
     def _capture_or_fall_back(self, buf: _Buffers):
         try:
             self._capture(buf)
-        except Exception as e:  # e.g. a quantized layer that syncs the host: still correct, just slower
-            from ..progress import stderr
-
-            stderr.print(f"note: decoding without CUDA graphs ({type(e).__name__}: {e})", style="dim",
-                         markup=False, highlight=False)
-            self.use_graphs = False
+        except Exception as e:  # e.g. a layer that syncs the host: still correct, just slower
             buf.graph = None
             buf.valid.zero_()
+            self._decode_eagerly(f"capturing the decode step failed ({type(e).__name__}: {e})")
+
+    def _decode_eagerly(self, why: str):
+        """Give up CUDA graphs for this engine, saying so once, with why (also kept in `graphs_off`)."""
+        from ..progress import stderr
+
+        self.use_graphs = False
+        if self.graphs_off is None:
+            self.graphs_off = why
+            stderr.print(f"note: decoding without CUDA graphs (slower): {why}", markup=False, highlight=False)
 
     def _capture(self, buf: _Buffers):
         """Record the decode step of this buffer set as a CUDA graph (after warm-up runs that compile
@@ -672,16 +740,52 @@ class Engine:
 
     def _forward(self, x, positions, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
         """The decoder layers over x [B, T, H] (T = prompt length or 1), writing K/V at `slots`;
-        returns the logits of the last position [B, V]."""
+        returns the logits of the last position [B, V]. Each residual add is fused with the RMSNorm
+        that follows it (kernels.add_rmsnorm: the same ops as the modules on the torch path)."""
         cos, sin = self.lm.rotary_emb(x, positions)
+        if not self.fused_norms:
+            for i, layer in enumerate(self.layers):
+                x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slots, kv_len,
+                                        buf)
+                x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x))
+            return self.model.lm_head(self.lm.norm(x[:, -1:]))[:, 0]
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slots, kv_len, buf)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(self.lm.norm(x[:, -1:]))[:, 0]
+            norm = layer.input_layernorm
+            x, y = kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
+            delta = self._attention(i, layer.self_attn, y, cos, sin, mask, slots, kv_len, buf)
+            norm = layer.post_attention_layernorm
+            x, y = kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
+            delta = self._mlp(i, layer.mlp, y)
+        norm = self.lm.norm
+        _, y = kernels.add_rmsnorm(x[:, -1:], None if delta is None else delta[:, -1:], norm.weight,
+                                   norm.variance_epsilon)
+        return self.model.lm_head(y)[:, 0]
+
+    def _mlp(self, i, mlp, x) -> torch.Tensor:
+        fused = self.glu[i]
+        if fused is None:
+            return mlp(x)
+        weight, lora_A = fused
+        base = F.linear(x, weight)
+        if lora_A is None:  # a dense MLP: one matmul for gate and up
+            gate, up = base.chunk(2, dim=-1)
+            return mlp.down_proj(F.silu(gate) * up)
+        g = mlp.gate_proj
+        ids, weights, gw, plan = g.routing_state.routing_for(x.shape[0]).for_router(g.router_index, lora_A.shape[0])
+        act = kernels.lora_glu(base, x, lora_A, g.lora_B, mlp.up_proj.lora_B, ids, weights, gw, g.scaling, plan=plan)
+        return mlp.down_proj(act)
 
     def _attention(self, i, attn, x, cos, sin, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        group = heads // kv_heads
+        if self.qkv[i] is not None and length == 1:  # decode: rope and the cache write in one kernel
+            q = kernels.rope_kv_write(F.linear(x, *self.qkv[i]), cos, sin, buf.k[i], buf.v[i], slots, heads,
+                                      kv_heads)
+            keys, values = buf.k[i][:, :, :kv_len], buf.v[i][:, :, :kv_len]
+            out = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, group, dim), keys, values, attn_mask=mask)
+            return attn.o_proj(out.reshape(batch, 1, heads * dim))
         if self.qkv[i] is not None:
             q, k, v = F.linear(x, *self.qkv[i]).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         else:
@@ -693,7 +797,6 @@ class Engine:
         buf.k[i].index_copy_(2, slots, k)
         buf.v[i].index_copy_(2, slots, v)
         keys, values = buf.k[i][:, :, :kv_len], buf.v[i][:, :, :kv_len]
-        group = heads // kv_heads
         if length == 1:
             # Decode: the `group` query heads of a KV head become `group` query rows against that one KV
             # head, so grouped-query attention reads the cache once instead of repeating it per head.
@@ -704,6 +807,17 @@ class Engine:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out.reshape(batch, heads, length, dim).transpose(1, 2).reshape(batch, length, heads * dim)
         return attn.o_proj(out)
+
+
+def graph_blocker(model) -> str | None:
+    """Why the decode step of `model` cannot be captured as a CUDA graph, or None."""
+    for name, module in model.named_modules():
+        threshold = getattr(getattr(module, "state", None), "threshold", 0.0)
+        if type(module).__name__ == "Linear8bitLt" and threshold > 0:
+            return (f"{name} is a bitsandbytes int8 layer with outlier threshold {threshold:g}, which checks "
+                    "for outliers on the host in every call; `awaker export --quantize int8` now writes "
+                    "threshold 0, which keeps CUDA graphs")
+    return None
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -43,8 +43,10 @@ def load_processor(directory, **kwargs):
 
 
 def load_engine(path: str, *, device: str | None = None, dtype: str = "auto", min_pixels: int | None = None,
-                max_pixels: int | None = None, use_graphs: bool | None = None, compile: bool = False) -> Engine:
-    """An Engine for the model at `path` (awaker_config.json present: the LoRA-MoE model; else dense)."""
+                max_pixels: int | None = None, use_graphs: bool | None = None, compile: bool = False,
+                warm_up: bool | None = None) -> Engine:
+    """An Engine for the model at `path` (awaker_config.json present: the LoRA-MoE model; else dense).
+    warm_up: compile the kernels before returning (Engine.warm_up); default: on a GPU only."""
     from ..model import load_base, load_model
 
     if dtype not in DTYPES:
@@ -57,5 +59,8 @@ def load_engine(path: str, *, device: str | None = None, dtype: str = "auto", mi
         model = load_model(directory, DTYPES[dtype], device_map)
     else:
         model, _ = load_base(directory, DTYPES[dtype], device_map)
-    return Engine(model, processor, use_graphs=use_graphs, compile=compile, min_pixels=min_pixels,
-                  max_pixels=max_pixels)
+    engine = Engine(model, processor, use_graphs=use_graphs, compile=compile, min_pixels=min_pixels,
+                    max_pixels=max_pixels)
+    if warm_up or (warm_up is None and engine.device.type == "cuda"):
+        engine.warm_up()
+    return engine

@@ -9,9 +9,11 @@ Kernels (docs/design.md section 6):
 - shrink: one program = one row tile x one rank tile x one K split x ONE slot; it only touches the
   rows of its tile that use the slot (found on the device from ids: no host sync, a static grid that
   CUDA graphs can capture) and exits at once when none does. A slot's A is thus read once per row
-  tile, however many sequences share it; split-K (atomic fp32 adds) spreads decode over the GPU.
-- expand: one program = one row tile x one output tile; it loops over the slots its rows use and
-  accumulates (weight * h) @ B[slot]^T, weights (routed p's and global weight) folded into the
+  tile, however many sequences share it. Split-K spreads decode over the GPU: each K split writes its
+  own partial sums (h is [splits, S, M, N]), never atomics, so no buffer needs zeroing first and the
+  reduction runs in one fixed order (results are bit-identical run to run).
+- expand: one program = one row tile x one output tile; it loops over the slots its rows use, sums
+  the K splits' partials of h in split order, and accumulates (weight * h) @ B[slot]^T, weights (routed p's and global weight) folded into the
   A-operand, scaling and base_out added in the epilogue, so the delta never goes to memory.
 - backward re-uses both with transposed roles (g = dy @ B is a shrink, dx = g @ A an expand) plus
   `_wgrad_kernel` for dA and dB; dw and the global weight's gradient are sum_t <g, h>.
@@ -86,7 +88,7 @@ def _shrink_kernel(
     M, T, N, K, K_PER_SPLIT, G,
     sxb, sxt, sxk,  # x rows [B, T, K]
     swe, swn, swk,  # weight element (slot, n, k): A[e, n, k] forward, B[e, k, n] backward
-    shc, shm, shn,  # h [S, M, N] fp32
+    shs, shc, shm, shn,  # h [splits, S, M, N] fp32: one partial sum per K split
     sib, sij,
     NUM_ROUTED: tl.constexpr, NUM_COLS: tl.constexpr, HAS_ORDER: tl.constexpr,
     SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -118,19 +120,15 @@ def _shrink_kernel(
             acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
         for j in tl.static_range(NUM_COLS):
             sel = _col_uses(j, e, seq, row_ok, ids_ptr, sib, sij, G, NUM_ROUTED)
-            ptrs = h_ptr + j * shc + rows[:, None] * shm + n[None, :] * shn
-            mask = sel[:, None] & n_ok[None, :]
-            if SPLIT_K == 1:
-                tl.store(ptrs, acc, mask=mask)
-            else:
-                tl.atomic_add(ptrs, acc, mask=mask)
+            ptrs = h_ptr + pid_k * shs + j * shc + rows[:, None] * shm + n[None, :] * shn
+            tl.store(ptrs, acc, mask=sel[:, None] & n_ok[None, :])  # every (split, column, row) once
 
 
 @triton.jit
 def _expand_kernel(
     h_ptr, w_ptr, y_ptr, base_ptr, ids_ptr, ew_ptr, gw_ptr, order_ptr,
-    M, T, N, K, NUM_SLOTS, G, scaling,
-    shc, shm, shk,  # h [S, M, K] fp32
+    M, T, N, K, NUM_SLOTS, G, scaling, num_splits,
+    shs, shc, shm, shk,  # h [splits, S, M, K] fp32: the shrink's K-split partials, summed here
     swe, swn, swk,  # weight element (slot, n, k): B[e, n, k] forward, A[e, k, n] backward
     syb, syt, syn, sbb, sbt, sbn,
     sib, sij, sewb, sewj, sgw,
@@ -156,7 +154,10 @@ def _expand_kernel(
             for k0 in range(0, K, BK):
                 k = k0 + tl.arange(0, BK)
                 k_ok = k < K
-                a = tl.load(h_row[:, None] + k[None, :] * shk, mask=used[:, None] & k_ok[None, :], other=0.0)
+                a_mask = used[:, None] & k_ok[None, :]
+                a = tl.load(h_row[:, None] + k[None, :] * shk, mask=a_mask, other=0.0)
+                for sp in range(1, num_splits):  # split order, always: deterministic
+                    a += tl.load(h_row[:, None] + sp * shs + k[None, :] * shk, mask=a_mask, other=0.0)
                 a = a * wt[:, None]  # routed p / global weight applied here: one dot per slot
                 b = tl.load(w_e + k[:, None] * swk + n[None, :] * swn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
@@ -215,7 +216,7 @@ def _wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration (heuristics: no autotuning, atomics make re-runs unsafe)
+# Launch configuration (heuristics, no autotuning: launches depend on shapes only)
 # ----------------------------------------------------------------------------------------------
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
@@ -281,7 +282,8 @@ class _Slots:
 
 
 def _shrink(x, w, w_strides, N, rt: _Slots, split_k=None):
-    """h [S, B*T, N] fp32 with h[j, row] = x[row] @ W[slot of column j]^T; w_strides = (slot, n, k)."""
+    """h [splits, S, B*T, N] fp32 with sum_s h[s, j, row] = x[row] @ W[slot of column j]^T; w_strides =
+    (slot, n, k). _expand takes the partials as they are; _reduce_splits sums them (backward)."""
     Bsz, T, K = x.shape
     M = Bsz * T
     if M >= 256:  # prefill / training: a plain tensor-core GEMM tiling
@@ -294,22 +296,31 @@ def _shrink(x, w, w_strides, N, rt: _Slots, split_k=None):
         split_k = min(triton.cdiv(K, BK), triton.cdiv(2 * _num_sms(x.device), m_tiles * n_tiles * active))
     k_per_split = triton.cdiv(triton.cdiv(K, max(1, split_k)), BK) * BK
     split_k = triton.cdiv(K, k_per_split)
-    h = _empty((rt.num_cols, M, N), x, _acc_dtype(x.dtype))
-    if split_k > 1:  # split-K partial sums are added atomically
-        h.zero_()
+    h = _empty((split_k, rt.num_cols, M, N), x, _acc_dtype(x.dtype))  # fully written: no memset
     grid = (m_tiles, n_tiles * split_k, rt.num_slots)
     _shrink_kernel[grid](
         x, w, h, M=M, T=T, N=N, K=K, K_PER_SPLIT=k_per_split,
         sxb=x.stride(0), sxt=x.stride(1), sxk=x.stride(2), swe=w_strides[0], swn=w_strides[1], swk=w_strides[2],
-        shc=h.stride(0), shm=h.stride(1), shn=h.stride(2),
+        shs=h.stride(0), shc=h.stride(1), shm=h.stride(2), shn=h.stride(3),
         SPLIT_K=split_k, BM=BM, BN=BN, BK=BK, num_warps=8 if BM * BN >= 8192 else 4, **rt.args(), **_dot_args(x.dtype))
     return h
 
 
+def _reduce_splits(h: torch.Tensor) -> torch.Tensor:
+    """[splits, S, M, N] partials -> [S, M, N], added in split order as _expand_kernel adds them."""
+    out = h[0]
+    for part in h[1:]:
+        out = out + part
+    return out
+
+
 def _expand(h, w, w_strides, N, y, base, scaling, rt: _Slots, T, act: torch.dtype):
-    """y[row] = base[row] + scaling * sum_j weight_j * h[j, row] @ W[slot_j]^T  (y may be base).
+    """y[row] = base[row] + scaling * sum_j weight_j * h[j, row] @ W[slot_j]^T  (y may be base); h is
+    [splits, S, M, K] (the shrink's partials) or [S, M, K].
     The products run in the activations' dtype `act` (as autocast would with fp32 master weights)."""
-    M, K = h.shape[1], h.shape[2]
+    if h.dim() == 3:
+        h = h[None]
+    M, K = h.shape[2], h.shape[3]
     BK = _p2(K, 16, 64)
     if M >= 256:  # prefill / training
         BM, BN = 64, 128
@@ -320,8 +331,8 @@ def _expand(h, w, w_strides, N, y, base, scaling, rt: _Slots, T, act: torch.dtyp
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     b = base if base is not None else y
     _expand_kernel[grid](
-        h, w, y, b, M=M, T=T, N=N, K=K, NUM_SLOTS=rt.num_slots,
-        scaling=float(scaling), shc=h.stride(0), shm=h.stride(1), shk=h.stride(2),
+        h, w, y, b, M=M, T=T, N=N, K=K, NUM_SLOTS=rt.num_slots, scaling=float(scaling), num_splits=h.shape[0],
+        shs=h.stride(0), shc=h.stride(1), shm=h.stride(2), shk=h.stride(3),
         swe=w_strides[0], swn=w_strides[1], swk=w_strides[2],
         syb=y.stride(0), syt=y.stride(1), syn=y.stride(2), sbb=b.stride(0), sbt=b.stride(1), sbn=b.stride(2),
         HAS_BASE=base is not None, BM=BM, BN=BN, BK=BK, num_warps=8 if BN == 128 else 4,
@@ -348,9 +359,10 @@ class _LoraMoEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out, x, A, B, ids, ew, gw, scaling, order, split_k):
         rt = _Slots(ids, ew, gw, order, A.shape[0])
-        h = _shrink(x, A, A.stride(), A.shape[1], rt, split_k)  # A[e, n=rank, k=in]
+        parts = _shrink(x, A, A.stride(), A.shape[1], rt, split_k)  # A[e, n=rank, k=in]
         y = _empty(base_out.shape, base_out)
-        _expand(h, B, B.stride(), B.shape[1], y, base_out, scaling, rt, x.shape[1], x.dtype)  # B[e, n=out, k=rank]
+        _expand(parts, B, B.stride(), B.shape[1], y, base_out, scaling, rt, x.shape[1], x.dtype)  # B[e, n=out, k=rank]
+        h = _reduce_splits(parts)  # the h the expand used, for dB and dw
         ctx.save_for_backward(x, A, B, ids, ew, gw, order, h)
         ctx.scaling, ctx.split_k = scaling, split_k
         return y
@@ -366,7 +378,8 @@ class _LoraMoEFunction(torch.autograd.Function):
         dx = dA = dB = dw = dgw = None
         if need[1] or need[2] or need[5] or need[6]:
             # g[j, row] = dy[row] @ B[slot_j]: a shrink with B^T in A's role
-            g = _shrink(dy, B, (B.stride(0), B.stride(2), B.stride(1)), B.shape[2], rt, ctx.split_k)
+            g_parts = _shrink(dy, B, (B.stride(0), B.stride(2), B.stride(1)), B.shape[2], rt, ctx.split_k)
+            g = _reduce_splits(g_parts)
         if need[1]:  # dx = sum_j s w_j g_j @ A[slot_j]: an expand with A^T in B's role
             dx = _empty(x.shape, x)
             _expand(g, A, (A.stride(0), A.stride(2), A.stride(1)), A.shape[2], dx, None, s, rt, T, dy.dtype)

@@ -105,11 +105,9 @@ class MoELoRALinear(_AdaptedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
         routing = self.routing_state.routing_for(x.shape[0])
-        r = self.router_index
-        gw = None if routing.global_weight is None else routing.global_weight[:, r]
-        plan = routing.plans(self.lora_A.shape[0])[r] if kernels.backend_for(x) == "triton" else None
-        return kernels.lora_moe(y, self.lora_dropout(x), self.lora_A, self.lora_B, routing.expert_ids[:, r],
-                                routing.expert_weights[:, r], gw, self.scaling, plan=plan)
+        ids, weights, gw, plan = routing.for_router(self.router_index, self.lora_A.shape[0])
+        return kernels.lora_moe(y, self.lora_dropout(x), self.lora_A, self.lora_B, ids, weights, gw, self.scaling,
+                                plan=plan)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rank={self.rank}, experts={self.num_experts}, "

@@ -97,6 +97,7 @@ class Routing:
     expert_weights: torch.Tensor  # [B, R, k] fp32
     global_weight: torch.Tensor | None  # [B, R] fp32, None without a global expert
     _plans: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _views: list | None = field(default=None, repr=False, compare=False)
 
     def plans(self, num_slots: int) -> torch.Tensor:
         """Sequences grouped by expert, per router, for the Triton kernels: computed once per routing
@@ -106,6 +107,38 @@ class Routing:
 
             self._plans = make_plans(self.expert_ids, num_slots)
         return self._plans
+
+    def for_router(self, r: int, num_slots: int) -> tuple:
+        """(expert_ids [B, k], expert_weights [B, k], global_weight [B] or None, plan [B]) of router r,
+        each its own contiguous allocation, made once per routing. Slices of the [B, R, k] tensors would
+        start at addresses whose alignment depends on r, and Triton compiles a kernel variant per
+        alignment: separate tensors give every router the same variant (fewer compiles on a cold GPU)."""
+        if self._views is None:
+            self._views = self._make_views(num_slots)
+        return self._views[r]
+
+    def _make_views(self, num_slots: int) -> list:
+        own = lambda t: t.clone(memory_format=torch.contiguous_format)  # noqa: E731
+        plans = self.plans(num_slots)
+        gw = self.global_weight
+        return [(own(self.expert_ids[:, r]), own(self.expert_weights[:, r]), None if gw is None else own(gw[:, r]),
+                 own(plans[r])) for r in range(self.expert_ids.shape[1])]
+
+    def refresh_views(self, num_slots: int):
+        """Recompute plans and per-router tensors in place (a static routing whose values were copied in)."""
+        if self._plans is not None:
+            from ..kernels import make_plans
+
+            self._plans.copy_(make_plans(self.expert_ids, num_slots))
+        if self._views is None:
+            self._views = self._make_views(num_slots)
+            return
+        for r, (ids, ew, gw, plan) in enumerate(self._views):
+            ids.copy_(self.expert_ids[:, r])
+            ew.copy_(self.expert_weights[:, r])
+            if gw is not None:
+                gw.copy_(self.global_weight[:, r])
+            plan.copy_(self._plans[r])
 
     @property
     def batch_size(self) -> int:

@@ -65,7 +65,10 @@ def quantization_config(method: str, double_quant: bool, dtype: torch.dtype) -> 
     from transformers import BitsAndBytesConfig
 
     if method == "int8":
-        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
+        # Threshold 0: plain int8 products (per-row absmax scales). bitsandbytes 0.50's default outlier
+        # threshold 6.0 asks `outliers.any()` on the host in every linear call, which makes the decode
+        # step impossible to capture as a CUDA graph (the engine then decodes eagerly, and says so).
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=SKIP_MODULES)
     else:
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=double_quant,
                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_MODULES)
