@@ -50,7 +50,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from awaker_cli.kernels import lora_glu_triton as lgt  # noqa: E402
 from awaker_cli.kernels import lora_moe_triton as lmt  # noqa: E402
+from awaker_cli.kernels import norm_triton as nt  # noqa: E402
+from awaker_cli.kernels import rope_triton as rpt  # noqa: E402
 from awaker_cli.kernels import routing_triton as rtt  # noqa: E402
 from awaker_cli.kernels.lora_moe_ref import lora_moe_ref  # noqa: E402
 from awaker_cli.kernels.plan import make_plans  # noqa: E402
@@ -280,7 +283,8 @@ def compile_check(arch=90):
                 print(f"FAIL {label}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
 
     for mod, name in ((lmt, "_shrink_kernel"), (lmt, "_expand_kernel"), (lmt, "_wgrad_kernel"),
-                      (rtt, "_routing_kernel")):
+                      (rtt, "_routing_kernel"), (nt, "_add_rmsnorm_kernel"), (rpt, "_rope_kv_kernel"),
+                      (lgt, "_glu_expand_kernel")):
         setattr(mod, name, Catch(getattr(mod, name)))
     lmt._num_sms = lambda device: 132  # H100 heuristics, not the CPU's
 
@@ -308,9 +312,31 @@ def compile_check(arch=90):
                 rtt.routing_triton(m(nseq, HIDDEN), m(ROUTERS, HIDDEN), m(ROUTERS, EXPERTS, HIDDEN),
                                    m(ROUTERS, EXPERTS), eps=1e-6, temperature=1.0, top_k=k,
                                    noise=z[:nseq] if z is not None else None)
+        compile_decode_step_kernels(dtype)
     spills = [k for k, v in seen.items() if "STACK:0" not in v and v != "FAIL"]
     print(f"{len(seen)} variants compiled for sm_{arch}: {len(failures)} failed, {len(spills)} with a stack (spills)")
     return not failures
+
+
+def compile_decode_step_kernels(dtype):
+    """The engine's fused decode kernels (residual + RMSNorm, rope + KV write, gate/up SiLU-gate) at the
+    benchmark's decode batch sizes; called inside compile_check with the kernels replaced by Catch."""
+    m = lambda *s, dt=dtype: torch.zeros(*s, device="meta", dtype=dt)  # noqa: E731
+    d_in, inter = LINEARS["o"][0], LINEARS["down"][0]
+    heads, kv_heads, dim = (4, 2, 16) if SMOKE else (28, 4, 128)
+    for nseq in (DECODE[0], DECODE[-1]):
+        for delta in (m(nseq, 1, HIDDEN), None):
+            nt.add_rmsnorm_triton(m(nseq, 1, HIDDEN), delta, m(HIDDEN), 1e-6)
+        caches = [m(nseq, kv_heads, 64, dim) for _ in range(2)]
+        rpt.rope_kv_write_triton(m(nseq, 1, (heads + 2 * kv_heads) * dim), m(nseq, 1, dim), m(nseq, 1, dim),
+                                 *caches, torch.zeros(1, dtype=torch.int64, device="meta"), heads, kv_heads)
+        for k, glob in ((1, True), (2, False)):
+            ids = torch.zeros(nseq, k, dtype=torch.int64, device="meta")
+            gw = m(nseq, dt=torch.float32) if glob else None
+            plan = torch.zeros(nseq, dtype=torch.int32, device="meta")  # make_plans output: [B] int32
+            lgt.lora_glu_triton(m(nseq, 1, 2 * inter), m(nseq, 1, d_in), m(EXPERTS + 1, 2 * RANK, d_in),
+                                m(EXPERTS + 1, inter, RANK), m(EXPERTS + 1, inter, RANK), ids,
+                                m(nseq, k, dt=torch.float32), gw, SCALING, plan=plan)
 
 
 # --------------------------------------------------------------------------------------------
