@@ -9,6 +9,7 @@ import typer
 from ..cli import app, print_json
 from ..errors import AwakerError
 from ..progress import stderr
+from .options import MaxPixels, MinPixels
 
 
 def _info(text: str) -> None:
@@ -48,10 +49,8 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling (reported in --json)."),
     device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when a GPU is visible)."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (as stored), bf16, fp16 or fp32."),
-    min_pixels: int | None = typer.Option(None, "--min-pixels", help="Smallest image size in pixels after resizing "
-                                                                     "(default: the model's processor setting)."),
-    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest image size in pixels after resizing "
-                                                                     "(fewer pixels = fewer image tokens, faster)."),
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
     show_routing: bool = typer.Option(False, "--show-routing",
                                       help="After each answer, show which expert each router group chose and how sure it was."),
     json_out: bool = typer.Option(False, "--json", help="With --prompt: print text, tokens, timings and routing as JSON."),

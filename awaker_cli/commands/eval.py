@@ -9,6 +9,7 @@ from rich.markup import escape
 
 from ..cli import app, print_json
 from ..progress import progress_bar, stderr
+from .options import ImageRoot, MaxPixels, MinPixels
 
 
 @app.command("eval")
@@ -24,12 +25,9 @@ def eval_(
     device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda when a GPU is visible)."),
     dtype: str = typer.Option("auto", "--dtype", help="Weights dtype: auto (bf16 on a GPU, fp32 on the CPU), "
                                                      "bf16, fp16 or fp32."),
-    min_pixels: int | None = typer.Option(None, "--min-pixels", help="Smallest image size in pixels after resizing "
-                                          "(default: the model's processor; a trained model's holds its training's)."),
-    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest image size in pixels after resizing "
-                                          "(fewer pixels, fewer image tokens; default as --min-pixels)."),
-    image_root: str | None = typer.Option(None, "--image-root", help="Directory the data's image paths are relative "
-                                          "to (default: the data file's directory), as training's data.image_root."),
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    image_root: ImageRoot = None,
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ):
     """Answer every sample greedily (batched, with the engine `awaker chat` uses) and score the answers

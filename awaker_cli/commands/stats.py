@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..cli import app, print_json
 from ..progress import progress_bar, stderr
+from .options import ImageRoot, MaxPixels, MinPixels
 
 
 @app.command()
@@ -18,12 +19,9 @@ def stats(
                                                   "+ images, or conversations + image; optional task field)."),
     batch_size: int = typer.Option(4, min=1, help="Records per forward pass."),
     limit: int = typer.Option(None, help="Use only the first N records."),
-    min_pixels: int | None = typer.Option(None, "--min-pixels", help="Smallest image size in pixels after resizing "
-                                          "(default: the model's processor; a trained model's holds its training's)."),
-    max_pixels: int | None = typer.Option(None, "--max-pixels", help="Largest image size in pixels after resizing "
-                                          "(fewer pixels, fewer image tokens; default as --min-pixels)."),
-    image_root: str | None = typer.Option(None, "--image-root", help="Directory the data's image paths are relative "
-                                          "to (default: the data file's directory), as training's data.image_root."),
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    image_root: ImageRoot = None,
     json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):
     """Routing statistics: per router and per task, the share of records each expert gets, the mean
