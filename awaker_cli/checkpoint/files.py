@@ -102,8 +102,73 @@ def special_token_ids(directory: Path, tokens: list[str]) -> dict[str, int]:
     return {t: found[t] for t in tokens}
 
 
-def write_model_card(directory: Path, title: str, lines: list[str]):
+def hub_id(name_or_path: str | Path | None) -> str | None:
+    """The hub id behind a model reference: the reference itself when it reads as one
+    ("Qwen/Qwen2-VL-7B-Instruct"), the id of a snapshot in the hub cache
+    (.../models--Qwen--Qwen2-VL-7B-Instruct/snapshots/REV), else None (a plain local directory)."""
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    parts = Path(text).parts
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    owner, _, name = text.partition("/")
+    if owner and name and "/" not in name and not text.startswith((".", "~")) and not Path(text).exists():
+        return text
+    return None
+
+
+def _card_data(directory: Path):
+    """The metadata of the card in `directory`, or None when there is none (or it does not parse)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(directory / "README.md").data if (directory / "README.md").is_file() else None
+    except Exception:  # noqa: BLE001 - a base's hand-written card is not ours to judge
+        return None
+
+
+def write_model_card(directory: Path, title: str, lines: list[str], *, source: Path | None = None,
+                     base_model: str | None = None):
+    """README.md with Hub metadata (huggingface_hub's ModelCard) that says what the directory is.
+
+    What it is comes from the directory itself: awaker_config.json makes it an awaker LoRA-MoE (or plain
+    LoRA) directory that plain transformers loads only the base of; without it a dense model; a
+    quantization_config in config.json a quantized one. base_model is the hub id of the dense model it
+    came from: `base_model` if that is one, else the hub id of `source`, else the base_model of `source`'s
+    own card (a trained model's card names the hub model its upcycled input came from). The license is
+    carried over from `source`'s card.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    directory = Path(directory)
+    source_data = _card_data(Path(source)) if source is not None else None
+    base = hub_id(base_model) or hub_id(source) or (getattr(source_data, "base_model", None) if source_data else None)
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    awaker = None
+    if (directory / "awaker_config.json").is_file():
+        awaker = json.loads((directory / "awaker_config.json").read_text())
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    quantized = "quantization_config" in config
+    tags = ["awaker", config.get("model_type", "qwen2_vl").replace("_", "-")]
+    if awaker is not None:
+        tags.append("lora-moe" if awaker.get("num_experts", 0) else "lora")
+    if quantized:
+        tags.append(config["quantization_config"].get("quant_method", "quantized"))
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-text-to-text", tags=tags,
+        license=getattr(source_data, "license", None) if source_data else None,
+        base_model=base, base_model_relation=("quantized" if quantized else "finetune") if base else None)
+    if awaker is not None:
+        cls = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]
+        how = ("Load it with awaker (`awaker info`, `awaker chat`, `awaker eval`). Plain transformers "
+               f"(`{cls}.from_pretrained`) loads only the base model from this directory: "
+               "its base tensors keep the hub names, and the adapters and routers are awaker's, which "
+               "transformers skips. To get one dense model for other tools, bake a routing in with `awaker merge`.")
+    else:
+        how = "A plain dense model: transformers (and any tool that reads its format) loads it as it is."
     body = "\n".join(f"- {line}" for line in lines)
-    (directory / "README.md").write_text(
-        f"---\nlibrary_name: transformers\ntags: [awaker, qwen2-vl, lora-moe]\n---\n\n# {title}\n\n{body}\n\n"
-        "Load it with awaker (`awaker info`, `awaker chat`); its base tensors keep the Qwen2-VL hub names.\n")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n{body}\n\n{how}\n")
+    card.save(directory / "README.md")

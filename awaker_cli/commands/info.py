@@ -41,4 +41,5 @@ def info(
     table.add_row("size on disk", f"{d['size_on_disk']:,} bytes in {len(d['shards'])} shard(s)")
     table.add_row("files", ", ".join(d["processor_files"]))
     table.add_row("missing", ", ".join(d["missing_files"]) or "[green]none[/]")
+    table.add_row("transformers", f"plain transformers loads {d['transformers_loads']}")
     stderr.print(table)

@@ -49,7 +49,7 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
         if adapters:
             model.awaker_config.save(tmp)
         copy_processor_files(source, tmp)
-        write_model_card(tmp, title, list(card))
+        write_model_card(tmp, title, list(card), source=source)
     return out
 
 
@@ -69,5 +69,5 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
         shutil.copy2(source.path / "config.json", tmp / "config.json")
         config.save(tmp)
         copy_processor_files(source.path, tmp)
-        write_model_card(tmp, title, list(card))
+        write_model_card(tmp, title, list(card), source=source.path)
     return Path(out)

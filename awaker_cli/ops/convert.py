@@ -470,7 +470,7 @@ def run_convert(plan: ConvertPlan, out: str | Path, *, force: bool = False,
             f"RMSNorm eps {cfg.router_norm_eps:g}, temperature {cfg.router_temperature:g}, top-{cfg.top_k}, "
             "routed once per sequence from the mean of its prompt-span input embeddings.",
             "Combine `release`: y = Wx + p²·E + (1 − p)·G, as the release computes it.",
-        ])
+        ], source=plan.base.path, base_model=cfg.base_model)
     summary = plan.summary()
     summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]))
     return summary

@@ -64,4 +64,7 @@ def describe(path: str | Path) -> dict:
             "routers": cfg.num_routers, "router_owners": cfg.router_owners,
             "routing_span": cfg.routing_span, "base_model": cfg.base_model,
         }
+    # What other tools get from this directory: transformers skips the awaker tensors (adapters, routers).
+    info["transformers_loads"] = ("only the base model (the adapters and routers are awaker's; awaker merge bakes "
+                                  "a routing into a dense model)" if cfg else "the whole model")
     return info

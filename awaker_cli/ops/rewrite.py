@@ -117,7 +117,7 @@ def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[st
         if awaker_config is not None:
             awaker_config.save(tmp)
         copy_processor_files(source.path, tmp)
-        write_model_card(tmp, title, card)
+        write_model_card(tmp, title, card, source=source.path)
     out = Path(out)
     return {"output": str(out), "shards": len(shards), "size_on_disk": dir_size(out)}
 

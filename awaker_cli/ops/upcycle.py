@@ -165,7 +165,7 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
             f"Routers: {cfg.num_routers} ({', '.join(cfg.router_names)} per layer), top-{cfg.top_k}, "
             f"combine `{cfg.combine}`, routed once per sequence from the prompt span.",
             "LoRA B is zero: this model computes exactly what its base computes until trained.",
-        ])
+        ], source=base.path, base_model=cfg.base_model)
     summary = plan.summary()
     summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]))
     return summary
