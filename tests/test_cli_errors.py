@@ -168,3 +168,17 @@ def test_help_defaults_match_the_library():
     run(["--help"])  # registers the commands
     convert = typer.main.get_command(app).commands["convert"]
     assert next(p.default for p in convert.params if p.name == "alpha") == DEFAULT_ALPHA
+
+
+def test_shell_completion():
+    """`awaker --install-completion` installs what this answers: the shell's completion requests."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "_AWAKER_COMPLETE": "complete_bash", "COMP_WORDS": "awaker tra", "COMP_CWORD": "1"}
+    out = subprocess.run([sys.executable, "-m", "awaker_cli"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["train"], out.stderr
+    shown = subprocess.run([sys.executable, "-m", "awaker_cli", "--show-completion", "bash"], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0 and "_AWAKER_COMPLETE=complete_bash" in shown.stdout

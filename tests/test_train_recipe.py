@@ -47,6 +47,21 @@ def test_overrides_and_print_config(capsys):
     assert shown["train"]["save_steps"] == 500  # defaults are filled in
 
 
+def test_recipe_as_first_argument(tmp_path, capsys):
+    """`awaker train cfg.yaml key=value`, as LLaMA-Factory users type it, reads the same as --recipe."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("stage: 1\nmodel: base\noutput_dir: s1\n")
+    assert run(["train", str(path), "train.lr=3e-4", "--print-config"]) == 0
+    positional = yaml.safe_load(capsys.readouterr().out)
+    assert run(["train", "--recipe", str(path), "train.lr=3e-4", "--print-config"]) == 0
+    assert positional == yaml.safe_load(capsys.readouterr().out)
+    assert positional["train"]["lr"] == pytest.approx(3e-4) and positional["model"] == "base"
+    assert run(["train", "stage2", "--print-config"]) == 0 and "stage: 2" in capsys.readouterr().out
+    expect_error(capsys, ["train", "stage1", "--recipe", "stage2"], "the recipe is given twice")
+    expect_error(capsys, ["train", "train.lr=1"], "which recipe?")
+    expect_error(capsys, ["train"], "which recipe?")
+
+
 def test_recipe_by_path(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("stage: 3\ninit_from: s2\noutput_dir: s3\ntrain:\n  lr: 1e-5\n")
