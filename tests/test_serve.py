@@ -257,6 +257,28 @@ def test_a_full_queue_is_a_503(reference):
     assert scheduler.queued == 1
 
 
+def test_a_failing_step_is_a_500_and_the_server_goes_on(reference, monkeypatch):
+    scheduler = Scheduler(reference, max_batch=2, max_context=256)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    step = scheduler._step
+
+    def broken():
+        raise RuntimeError("injected fault")
+
+    scheduler.start()
+    try:
+        with running(scheduler) as base:
+            monkeypatch.setattr(scheduler, "_step", broken)
+            r = post(base, body, key=None)
+            assert r.status_code == 500 and "generation failed: RuntimeError: injected fault" in r.json()["error"]["message"]
+            monkeypatch.setattr(scheduler, "_step", step)
+            r = post(base, body, key=None)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == alone(reference, "hi", n=4).text
+    finally:
+        scheduler.stop()
+    assert scheduler.active == 0 and scheduler.metrics["requests_failed"] == 1
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     base, scheduler, _ = server
     body = {"model": "tiny", "messages": [{"role": "user", "content": "tell a long story ."}], "max_tokens": 400,

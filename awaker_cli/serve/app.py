@@ -14,6 +14,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
 from ..errors import AwakerError
 from ..generate.report import routing_report
 from ..generate.sampling import SamplingParams
@@ -92,6 +95,8 @@ def create_app(scheduler: Scheduler, *, model_name: str, api_key: str | None = N
         kind, payload = await events.get()
         if kind == "error":
             raise ApiError(400, payload)
+        if kind in ("fail", "busy"):
+            raise ApiError(500 if kind == "fail" else 503, payload, "server_error")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cfg = getattr(scheduler.engine.model, "awaker_config", None)
 

@@ -31,7 +31,8 @@ class QueueFull(AwakerError):
 @dataclass
 class Job:
     """One request: what it asks, and what the scheduler hands back through `emit(kind, payload)`:
-    ("start", None), ("text", piece), ("done", Job) or ("error", message)."""
+    ("start", None), ("text", piece), ("done", Job), ("error", message: the request's fault, a 400) or
+    ("fail", message: the server's, a 500) or ("busy", message: shutting down, a 503)."""
 
     request: Request
     params: SamplingParams
@@ -115,14 +116,20 @@ class Scheduler:
                 joining = []
                 while self.waiting and len(joining) < self.rows.count(None):
                     joining.append(self.waiting.popleft())
-            with torch.inference_mode():
-                for job in joining:
-                    self._admit(job)
-                self._drop_cancelled()
-                if self.active:
-                    self._step()
+            try:
+                with torch.inference_mode():
+                    for job in joining:
+                        self._admit(job)
+                    self._drop_cancelled()
+                    if self.active:
+                        self._step()
+            except Exception as e:  # e.g. out of memory in a step: fail what is in flight, keep serving
+                for job in [r for r in self.rows if r is not None]:
+                    self._free(job)
+                    self.metrics["requests_failed"] += 1
+                    job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
         for job in [*self.waiting, *[r for r in self.rows if r is not None]]:
-            self._finish(job, "interrupted") if job.t_first else job.emit("error", "the server is shutting down")
+            self._finish(job, "interrupted") if job.t_first else job.emit("busy", "the server is shutting down")
 
     def _admit(self, job: Job):
         engine, buf = self.engine, self.buf
@@ -149,9 +156,13 @@ class Scheduler:
         except _Cancelled:
             self.metrics["requests_cancelled"] += 1
             return
-        except Exception as e:  # bad images, a too long prompt...: this request fails, the others go on
+        except AwakerError as e:  # a too long prompt, an image the processor refuses...: the request's fault
             self.metrics["requests_failed"] += 1
             job.emit("error", str(e))
+            return
+        except Exception as e:  # the server's fault (e.g. out of memory): this request fails, the others go on
+            self.metrics["requests_failed"] += 1
+            job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
             return
         row = self.rows.index(None)
         self._make_room(length)
