@@ -163,7 +163,7 @@ def write_model_card(directory: Path, title: str, lines: list[str], *, source: P
         base_model=base, base_model_relation=("quantized" if quantized else "finetune") if base else None)
     if awaker is not None:
         cls = (config.get("architectures") or ["AutoModelForImageTextToText"])[0]
-        how = ("Load it with awaker (`awaker info`, `awaker chat`, `awaker eval`). Plain transformers "
+        how = ("Load it with awaker (`awaker info`, `awaker chat`, `awaker serve`). Plain transformers "
                f"(`{cls}.from_pretrained`) loads only the base model from this directory: "
                "its base tensors keep the hub names, and the adapters and routers are awaker's, which "
                "transformers skips. To get one dense model for other tools, bake a routing in with `awaker merge`.")
