@@ -1,5 +1,6 @@
-"""A tiny but real Qwen2-VL checkpoint, built offline: config, random weights, a byte-level BPE tokenizer
-with Qwen's special tokens and chat template, and the real Qwen2-VL image processor.
+"""A tiny but real checkpoint of each model family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), built offline:
+config, random weights, a byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
+family's real processor.
 
 Tests and the demo use it because no weights can be downloaded here. `layout="v5"` writes the
 transformers-5 in-memory key names (model.language_model.*, model.visual.*) instead of the hub's.
@@ -64,14 +65,29 @@ def build_tokenizer():
     )
 
 
-def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, tokenizer=None):
-    """The real Qwen2-VL processor with Qwen2-VL's chat template (tokenizer: default build_tokenizer())."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, tokenizer=None,
+                    family: str = "qwen2_vl"):
+    """The family's real processor with Qwen's chat template (tokenizer: default build_tokenizer()).
+    Qwen3-VL's vision tower has 16-pixel patches and normalises to [-1, 1], as its hub processor does."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
-    return Qwen2VLProcessor(image_processor=image_processor, video_processor=video_processor,
-                            tokenizer=tokenizer or build_tokenizer(), chat_template=CHAT_TEMPLATE)
+    from .model.families import family as get_family
+
+    fam = get_family(family)
+    if fam.name == "qwen3_vl":
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+        scale = (16 / 14) ** 2  # the same number of merged tokens per image as the 14-pixel families
+        norm = dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor = Qwen2VLImageProcessor(min_pixels=int(min_pixels * scale),
+                                                max_pixels=int(max_pixels * scale), **norm)
+        video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": int(min_pixels * scale),
+                                                      "longest_edge": int(max_pixels * scale)}, **norm)
+    else:
+        image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+        video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return fam.load_processor_class()(image_processor=image_processor, video_processor=video_processor,
+                                      tokenizer=tokenizer or build_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
 def qwen2vl_config(tokenizer, *, hidden: int, layers: int, intermediate: int, heads: int = 4, kv_heads: int = 2,
@@ -102,25 +118,71 @@ def qwen2vl_config(tokenizer, *, hidden: int, layers: int, intermediate: int, he
     )
 
 
-def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, intermediate: int = 96):
-    return qwen2vl_config(tokenizer, hidden=hidden, layers=layers, intermediate=intermediate)
+def family_config(family: str, tokenizer, *, hidden: int, layers: int, intermediate: int, heads: int = 4,
+                  kv_heads: int = 2, vision_depth: int = 2, vision_hidden: int = 32, vision_heads: int = 2,
+                  vision_intermediate: int = 48):
+    """A tiny config of a family other than Qwen2-VL, with `tokenizer`'s special-token ids (Qwen2-VL:
+    qwen2vl_config). Qwen2.5-VL: a window-attention vision tower (one full-attention block); Qwen3-VL:
+    head_dim given, interleaved mrope, DeepStack features from every vision block."""
+    from .model.families import family as get_family
+
+    fam = get_family(family)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    half = hidden // heads // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    text = dict(vocab_size=(len(tokenizer) + 7) // 8 * 8, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, bos_token_id=ids["<|endoftext|>"],
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_intermediate,
+                  num_heads=vision_heads, out_hidden_size=hidden, spatial_merge_size=2, temporal_patch_size=2)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    if fam.name == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope),
+                                vision_config=dict(vision, patch_size=14, window_size=56,
+                                                   fullatt_block_indexes=[vision_depth - 1]), **tokens)
+    if fam.name == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig(text_config=dict(text, head_dim=hidden // heads,
+                                              rope_parameters=dict(rope, mrope_interleaved=True)),
+                             vision_config=dict(vision, patch_size=16, num_position_embeddings=64,
+                                                deepstack_visual_indexes=list(range(vision_depth))), **tokens)
+    raise ValueError(f"no tiny config for family {family!r}")
+
+
+def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, intermediate: int = 96, family: str = "qwen2_vl"):
+    if family == "qwen2_vl":
+        return qwen2vl_config(tokenizer, hidden=hidden, layers=layers, intermediate=intermediate)
+    return family_config(family, tokenizer, hidden=hidden, layers=layers, intermediate=intermediate)
 
 
 def build_tiny_base(out: str | Path, *, layout: str = "hub", max_shard_size: int | None = None,
-                    flat_config: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Write a tiny random Qwen2-VL checkpoint (weights, config, processor files) to `out`."""
-    from transformers import Qwen2VLForConditionalGeneration
+                    flat_config: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    family: str = "qwen2_vl"):
+    """Write a tiny random checkpoint of `family` (weights, config, processor files) to `out`.
 
+    layout hub: the family's hub names (save_pretrained); v5: transformers 5's in-memory names (for
+    Qwen3-VL, whose hub files already use them, the two are the same)."""
+    from .model.families import family as get_family
     from .model.save import write_tensors
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    fam = get_family(family)
+    if flat_config and fam.name != "qwen2_vl":
+        raise ValueError("flat_config: only Qwen2-VL's original releases had a flat config.json")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    processor = build_processor()
-    config = tiny_config(processor.tokenizer)
+    processor = build_processor(family=fam.name)
+    config = tiny_config(processor.tokenizer, family=fam.name)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
+    model = fam.load_class()(config).to(dtype).eval()
     for p in model.parameters():  # HF's init leaves some norms at exactly 1: perturb so tests see everything
         p.data.add_(torch.randn_like(p) * 0.02)
     if layout == "hub":

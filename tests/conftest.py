@@ -117,3 +117,33 @@ def tiny_records(tmp_path_factory):
     path = root / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+NEW_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="session")
+def family_bases(tmp_path_factory):
+    """Tiny random bases of the families besides Qwen2-VL, in both key layouts (Qwen3-VL's hub files
+    already use transformers 5's names, so its two are the same)."""
+    root = tmp_path_factory.mktemp("family_bases")
+    return {(fam, layout): build_tiny_base(root / f"{fam}-{layout}", family=fam, layout=layout, seed=1)
+            for fam in NEW_FAMILIES for layout in ("hub", "v5")}
+
+
+@pytest.fixture(scope="session")
+def family_moes(family_bases, tmp_path_factory):
+    """Each new family's hub base upcycled (rank 8, 4 experts + global), then given random non-zero
+    adapters and routers (seed 5) so outputs and routes depend on the input."""
+    from awaker_cli.model import load_model, save_model
+
+    out = {}
+    for fam in NEW_FAMILIES:
+        root = tmp_path_factory.mktemp(f"moe-{fam}")
+        assert run(["upcycle", str(family_bases[fam, "hub"]), str(root / "fresh"), "--rank", "8", "--alpha", "16",
+                    "--json"]) == 0
+        model = load_model(root / "fresh")
+        randomize_adapters(model, seed=5, scale=0.3)
+        save_model(model, root / "random", root / "fresh")
+        out[fam] = root / "random"
+    return out

@@ -35,7 +35,7 @@ def test_not_a_qwen2_vl_config(capsys, base_copy, tmp_path):
     cfg = json.loads((base_copy / "config.json").read_text())
     cfg["model_type"] = "llama"
     (base_copy / "config.json").write_text(json.dumps(cfg))
-    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "not a Qwen2-VL config", "llama")
+    expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "not a supported vision-language model", "llama")
 
 
 def test_corrupt_safetensors(capsys, base_copy, tmp_path):

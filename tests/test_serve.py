@@ -290,6 +290,10 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         for line in r.iter_lines():
             if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
                 break
+        if scheduler.active == 0 and scheduler.metrics["requests_cancelled"] == cancelled:
+            # on a loaded machine the whole answer (it may end early at EOS) can be generated before
+            # this client reads its first chunk: then there is nothing left to cancel
+            pytest.skip("the answer was complete before the client went away")
         assert scheduler.active == 1
     for _ in range(200):
         if scheduler.active == 0:

@@ -1,4 +1,4 @@
-"""Read a Qwen2-VL (or awaker) checkpoint directory without loading it: config, shard headers, and
+"""Read a Qwen-VL (or awaker) checkpoint directory without loading it: config, shard headers, and
 tensors one at a time. Every problem a user can cause is an AwakerError naming the file."""
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from ..errors import AwakerError
 from .keys import to_hub
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -101,7 +100,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
 
 
 def read_config(directory: Path) -> dict:
-    """config.json of a Qwen2-VL directory, checked to be one."""
+    """config.json of a model directory, checked to be of a family awaker supports (model/families.py)."""
+    from ..model.families import FAMILIES, supported
+
     path = directory / "config.json"
     if not path.is_file():
         raise AwakerError(f"{directory}: no config.json (not a Hugging Face model directory)")
@@ -112,9 +113,9 @@ def read_config(directory: Path) -> dict:
     if not isinstance(config, dict):
         raise AwakerError(f"{path}: not a JSON object")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise AwakerError(f"{path}: not a Qwen2-VL config (model_type {model_type!r}; "
-                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in FAMILIES:
+        raise AwakerError(f"{path}: not a supported vision-language model (model_type {model_type!r}; "
+                          f"supported: {supported()})")
     return config
 
 
@@ -165,6 +166,13 @@ class Checkpoint:
                 raise AwakerError(f"{self.path / INDEX_NAME}: lists {key!r} in {name}, which does not hold it")
 
     # -- config helpers -------------------------------------------------------------------------------
+    @property
+    def family(self):
+        """The model family (model/families.py) this directory's config.json names."""
+        from ..model.families import family_of_config
+
+        return family_of_config(self.config)
+
     @property
     def text_config(self) -> dict:
         """Text fields whether config.json is nested (transformers 5) or flat (the original releases)."""

@@ -154,12 +154,16 @@ def _write_index(directory: Path, shards: list[list[Entry]], names: list[str]):
 
 
 def write_checkpoint(directory: Path, entries: Iterable[Entry], max_shard_size: int = DEFAULT_SHARD_SIZE,
-                     progress: Callable[[int], None] | None = None) -> list[str]:
+                     progress: Callable[[int], None] | None = None,
+                     key_map: Callable[[str], str] | None = None) -> list[str]:
     """Write `entries` in order into shards of at most max_shard_size bytes (a bigger tensor gets a
-    shard of its own) plus the index; returns the shard file names."""
+    shard of its own) plus the index; returns the shard file names. key_map: canonical key -> the name
+    written (a model family's hub layout, model/families.py)."""
     shards: list[list[Entry]] = [[]]
     size, seen = 0, set()
     for e in entries:
+        if key_map is not None:
+            e = Entry(key_map(e.key), e.dtype, e.shape, e.source, e.make)
         if e.key in seen:
             raise ValueError(f"duplicate tensor {e.key}")
         seen.add(e.key)
@@ -179,7 +183,9 @@ class ShardWriter:
     """Tensors already in memory, added one by one: a shard is written whenever the next tensor would
     overflow it, so at most one shard's worth is held. Final names are given in close()."""
 
-    def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE):
+    def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE,
+                 key_map: Callable[[str], str] | None = None):
+        self.key_map = key_map  # canonical key -> the name written (a family's hub layout)
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
         self._buffer: list[Entry] = []
@@ -188,6 +194,8 @@ class ShardWriter:
         self._seen: set[str] = set()
 
     def add(self, key: str, tensor: torch.Tensor):
+        if self.key_map is not None:
+            key = self.key_map(key)
         if key in self._seen:
             raise ValueError(f"duplicate tensor {key}")
         self._seen.add(key)

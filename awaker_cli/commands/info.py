@@ -21,7 +21,7 @@ def info(
         return print_json(d)
     table = Table(title=f"{d['path']} ({d['kind']})", show_header=False)
     a, p = d["architecture"], d["parameters"]
-    table.add_row("architecture", f"{a['model_type']}: {a['layers']} layers, hidden {a['hidden_size']}, "
+    table.add_row("architecture", f"{d['family']} ({a['model_type']}): {a['layers']} layers, hidden {a['hidden_size']}, "
                                   f"MLP {a['intermediate_size']}, {a['attention_heads']} heads / {a['kv_heads']} KV, "
                                   f"vocab {a['vocab_size']}, vision depth {a['vision_depth']}")
     table.add_row("parameters", f"{p['total']:,} total, {p['active_per_token']:,} active per token")

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from ..errors import AwakerError
 from .. import kernels
 from ..model.build import model_span_tokens, route
+from ..model.families import family_of_model
 from ..model.layers import LoRALinear, MoELoRALinear
 from ..model.routing import Routing, image_tokens, routing_spans
 from .sampling import SamplingParams, sample
@@ -288,13 +288,22 @@ class Engine:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.tokenizer.padding_side = "left"  # batches end at the same column: the next token's slot is shared
-        self.lm = model.model.language_model
+        self.family = family_of_model(model)
+        if not self.family.engine:
+            raise AwakerError(f"the generation engine does not run {self.family.label} yet "
+                              f"({self.family.engine_note})")
+        self.lm = self.family.language_model(model)
         self.layers = list(self.lm.layers)
         embed = self.lm.embed_tokens.weight
         self.device, self.dtype = embed.device, embed.dtype
         text = model.config.get_text_config()
         self.num_heads, self.num_kv_heads = text.num_attention_heads, text.num_key_value_heads
-        self.head_dim = text.hidden_size // text.num_attention_heads  # as Qwen2VLAttention computes it
+        # Qwen3-VL gives head_dim; the Qwen2 families compute it (as their attention modules do)
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        # The family's own functions: its rope application, and (Qwen3-VL) its q/k RMSNorm per head
+        self.apply_rope = self.family.modeling().apply_rotary_pos_emb
+        self.qk_norm = self.family.qk_norm
+        self._deepstack = None  # (image-token mask, features per layer) of the prefill in progress
         self.context = text.max_position_embeddings
         self.vocab_size = model.lm_head.out_features
         self.routed = hasattr(model, "awaker_state")
@@ -359,7 +368,9 @@ class Engine:
             plain = all((type(m) is nn.Linear or (isinstance(m, LoRALinear) and m.merged))
                         and m.weight.dtype.is_floating_point for m in mods)
             biases = {m.bias is None for m in mods}
-            if not plain or len(biases) != 1:  # quantized or odd layers: call the modules one by one
+            # quantized or odd layers, or a q/k norm between projection and rope (the fused decode kernel
+            # ropes straight from the projection): call the modules one by one
+            if not plain or len(biases) != 1 or self.qk_norm:
                 self.qkv.append(None)
                 continue
             sizes = [m.out_features for m in mods]
@@ -618,7 +629,9 @@ class Engine:
         # A padding row attends to itself only: keeps its (unused) values finite, so no NaN reaches the cache.
         allowed = (causal & buf.valid[:, None, :length]) | torch.eye(length, device=self.device, dtype=torch.bool)
         slots = torch.arange(length, device=self.device)
-        logits = self._forward(embeds, positions, _additive(allowed[:, None], self.dtype), slots, length, buf)
+        deepstack, self._deepstack = self._deepstack, None
+        logits = self._forward(embeds, positions, _additive(allowed[:, None], self.dtype), slots, length, buf,
+                               deepstack=deepstack)
         buf.pos.copy_(positions.amax(dim=(0, 2)) + 1)
         buf.slot.fill_(length)
         return logits
@@ -714,13 +727,16 @@ class Engine:
         """Token embeddings with the image features put in place of the image pad tokens."""
         ids = inputs["input_ids"]
         embeds = self.lm.embed_tokens(ids)
+        self._deepstack = None
         if inputs.get("pixel_values") is not None:
-            features = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-            features = torch.cat(list(features.pooler_output)).to(embeds.dtype)
+            out = self.model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            features = torch.cat(list(out.pooler_output)).to(embeds.dtype)
             where = ids == self.model.config.image_token_id
             if int(where.sum()) != features.shape[0]:
                 raise AwakerError(f"{int(where.sum())} image tokens but {features.shape[0]} image features")
             embeds = embeds.masked_scatter(where[..., None].expand_as(embeds), features)
+            if self.family.deepstack:  # Qwen3-VL: vision features added after the first decoder layers
+                self._deepstack = (where, [torch.cat(list(f)) for f in out.deepstack_features])
         return embeds
 
     def _route(self, ids, mask, embeds) -> Routing:
@@ -738,16 +754,20 @@ class Engine:
         buf.slot.add_(1)
         buf.pos.add_(1)
 
-    def _forward(self, x, positions, mask, slots, kv_len, buf: _Buffers) -> torch.Tensor:
+    def _forward(self, x, positions, mask, slots, kv_len, buf: _Buffers, deepstack=None) -> torch.Tensor:
         """The decoder layers over x [B, T, H] (T = prompt length or 1), writing K/V at `slots`;
         returns the logits of the last position [B, V]. Each residual add is fused with the RMSNorm
-        that follows it (kernels.add_rmsnorm: the same ops as the modules on the torch path)."""
+        that follows it (kernels.add_rmsnorm: the same ops as the modules on the torch path).
+        deepstack: (image-token mask [B, T], features per layer), added to the first layers' outputs at
+        the image tokens as Qwen3-VL's text model does (prefill only)."""
         cos, sin = self.lm.rotary_emb(x, positions)
         if not self.fused_norms:
             for i, layer in enumerate(self.layers):
                 x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), cos, sin, mask, slots, kv_len,
                                         buf)
                 x = x + self._mlp(i, layer.mlp, layer.post_attention_layernorm(x))
+                if deepstack is not None and i < len(deepstack[1]):
+                    x = self.lm._deepstack_process(x, deepstack[0], deepstack[1][i])
             return self.model.lm_head(self.lm.norm(x[:, -1:]))[:, 0]
         delta = None
         for i, layer in enumerate(self.layers):
@@ -757,6 +777,8 @@ class Engine:
             norm = layer.post_attention_layernorm
             x, y = kernels.add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon)
             delta = self._mlp(i, layer.mlp, y)
+            if deepstack is not None and i < len(deepstack[1]):  # the layer's output is needed whole
+                x, delta = self.lm._deepstack_process(x + delta, deepstack[0], deepstack[1][i]), None
         norm = self.lm.norm
         _, y = kernels.add_rmsnorm(x[:, -1:], None if delta is None else delta[:, -1:], norm.weight,
                                    norm.variance_epsilon)
@@ -790,10 +812,13 @@ class Engine:
             q, k, v = F.linear(x, *self.qkv[i]).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(batch, length, heads, dim).transpose(1, 2)
-        k = k.view(batch, length, kv_heads, dim).transpose(1, 2)
+        q = q.view(batch, length, heads, dim)
+        k = k.view(batch, length, kv_heads, dim)
+        if self.qk_norm:  # Qwen3-VL: RMSNorm over each head's q and k, before rope
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, kv_heads, dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.apply_rope(q, k, cos, sin)
         buf.k[i].index_copy_(2, slots, k)
         buf.v[i].index_copy_(2, slots, v)
         keys, values = buf.k[i][:, :, :kv_len], buf.v[i][:, :, :kv_len]

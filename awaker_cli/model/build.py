@@ -1,5 +1,5 @@
-"""Build THE awaker model: transformers' Qwen2VLForConditionalGeneration with only the language model's
-target linears swapped for adapter layers, a bank of routers, and the hooks that route each sequence
+"""Build THE awaker model: the family's transformers class (model/families.py: Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL) with only the language model's target linears swapped for adapter layers, a bank of routers, and the hooks that route each sequence
 once from the mean of its prompt-span input embeddings (image features already substituted)."""
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path, to_
 from ..checkpoint.reader import Checkpoint
 from ..errors import AwakerError
 from .config import AwakerConfig
+from .families import family_of_model
 from .layers import LoRALinear, MoELoRALinear, RouterBank
 from .routing import Routing, RoutingState, SpanTokens, image_tokens, routing_spans, span_mean
 
 
 def decoder_layers(model) -> nn.ModuleList:
-    return model.model.language_model.layers
+    """The language model's decoder layers: the only place adapters go (never the vision tower)."""
+    return family_of_model(model).decoder_layers(model)
 
 
 def _linear_parent(layer: nn.Module, proj: str) -> nn.Module:
@@ -33,6 +35,9 @@ def attach_adapters(model, cfg: AwakerConfig, adapter_dtype: torch.dtype | None 
         raise ValueError("adapters are already attached to this model")
     cfg.validate()
     layers = decoder_layers(model)
+    fam = family_of_model(model)
+    if cfg.family != fam.name:
+        raise AwakerError(f"awaker config is for a {cfg.family} base, this model is {fam.name}")
     if cfg.num_layers != len(layers):
         raise AwakerError(f"awaker config is for {cfg.num_layers} layers, the base model has {len(layers)}")
     if adapter_dtype is None and _is_quantized(model):  # packed base weights: adapters take the model's dtype
@@ -61,7 +66,7 @@ def attach_adapters(model, cfg: AwakerConfig, adapter_dtype: torch.dtype | None 
 
 
 def _is_quantized(model) -> bool:
-    return any(not p.is_floating_point() for p in model.model.language_model.parameters())
+    return any(not p.is_floating_point() for p in family_of_model(model).language_model(model).parameters())
 
 
 def fix_bnb_model(model, dtype: torch.dtype | None):
@@ -87,7 +92,7 @@ def fix_bnb_model(model, dtype: torch.dtype | None):
 def model_span_tokens(model) -> SpanTokens:
     """The token ids the routing span rule looks for, from the awaker config (vision_start: the model's)."""
     ids = dict(model.awaker_config.span_token_ids)
-    ids.setdefault("vision_start", model.config.vision_start_token_id)
+    ids.setdefault("vision_start", model.config.vision_start_token_id)  # top level in every family
     missing = {"im_start", "im_end"} - set(ids)
     if missing:
         raise AwakerError(f"awaker config lacks span_token_ids {sorted(missing)}")
@@ -159,7 +164,7 @@ def _install_routing_hooks(model):
         state.current = route(model, input_ids, attention_mask, kwargs["inputs_embeds"])
 
     model.register_forward_pre_hook(capture_request, with_kwargs=True)
-    model.model.language_model.register_forward_pre_hook(route_request, with_kwargs=True)
+    family_of_model(model).language_model(model).register_forward_pre_hook(route_request, with_kwargs=True)
 
 
 def adapter_modules(model):
@@ -201,14 +206,12 @@ def _silence_transformers():
 
 
 def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, device: str | None = None):
-    """The plain Qwen2-VL model of a directory (either key layout; awaker tensors are ignored)."""
-    from transformers import Qwen2VLForConditionalGeneration
-
+    """The plain dense model of a directory, in its family's transformers class (either key layout;
+    awaker tensors are ignored)."""
     # Checkpoint validates config, shards and headers with clear errors before transformers sees them.
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     _silence_transformers()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt.path, dtype=dtype or "auto",
-                                                            device_map=device)
+    model = ckpt.family.load_class().from_pretrained(ckpt.path, dtype=dtype or "auto", device_map=device)
     if "quantization_config" in ckpt.config:  # an `awaker export` (transformers needs accelerate for it)
         fix_bnb_model(model, dtype)
     return model.eval(), ckpt

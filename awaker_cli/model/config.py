@@ -50,6 +50,8 @@ class AwakerConfig:
     span_token_ids: dict[str, int] = field(default_factory=dict)
     num_layers: int = 0
     base_model: str = ""
+    # The base's model family (model/families.py); directories written before families existed are Qwen2-VL.
+    family: str = "qwen2_vl"
     format_version: int = FORMAT_VERSION
 
     @property
@@ -110,6 +112,10 @@ class AwakerConfig:
                 bad(f"{t!r} reuses the router of {owner!r}, which is not a MoE target owning a router")
         if self.combine not in COMBINE_MODES:
             bad(f"combine must be one of {', '.join(COMBINE_MODES)}, got {self.combine!r}")
+        from .families import FAMILIES
+
+        if self.family not in FAMILIES:
+            bad(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         if self.routing_span not in SPAN_RULES:
             bad(f"routing_span must be one of {', '.join(SPAN_RULES)}, got {self.routing_span!r}")
         return self

@@ -14,12 +14,15 @@ from ..checkpoint.keys import is_adapter_key
 from ..errors import AwakerError
 from .build import adapter_state_dict, base_state_dict
 from .config import AwakerConfig
+from .families import family_of_model
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor],
-                  max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[str]:
-    """Write `tensors` (names as given) into sharded safetensors inside `directory`, one at a time."""
-    return write_checkpoint(Path(directory), [Entry.of(k, t) for k, t in tensors.items()], max_shard_size)
+                  max_shard_size: int = DEFAULT_SHARD_SIZE, key_map=None) -> list[str]:
+    """Write `tensors` into sharded safetensors inside `directory`, one at a time (names as given, or
+    through key_map: a family's disk_key)."""
+    return write_checkpoint(Path(directory), [Entry.of(k, t) for k, t in tensors.items()], max_shard_size,
+                            key_map=key_map)
 
 
 def save_model(model, out: str | Path, source: str | Path, *, force: bool = False, title: str = "awaker model",
@@ -41,7 +44,7 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
         adapters = adapter_state_dict(model) if hasattr(model, "awaker_config") else {}
         for key, t in adapters.items():
             tensors[key] = t.to(adapter_dtype) if adapter_dtype else t
-        write_tensors(tmp, tensors, max_shard_size)
+        write_tensors(tmp, tensors, max_shard_size, key_map=family_of_model(model).disk_key)
         if config_json is not None:
             (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         else:
@@ -65,7 +68,7 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
     for key, t in adapters.items():
         entries.append(Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t))
     with atomic_output_dir(Path(out), force, inputs=[source.path]) as tmp:
-        write_checkpoint(tmp, entries, max_shard_size)
+        write_checkpoint(tmp, entries, max_shard_size, key_map=source.family.disk_key)
         shutil.copy2(source.path / "config.json", tmp / "config.json")
         config.save(tmp)
         copy_processor_files(source.path, tmp)

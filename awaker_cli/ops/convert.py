@@ -162,6 +162,12 @@ class BaseDir:
         return int(self.text_config["num_hidden_layers"])
 
     @property
+    def family(self):
+        from ..model.families import family_of_config
+
+        return family_of_config(self.config)
+
+    @property
     def tied(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings", False)))
 

@@ -100,7 +100,7 @@ def export(source, out, *, quantize: str = "nf4", double_quant: bool = False, dt
     model_bf16 = sum(_bf16_bytes(i) for i in ckpt.tensors.values())
     if quantize_experts and cfg is None:
         raise AwakerError(f"{ckpt.path}: has no experts to quantize (a dense model)")
-    summary = {"source": str(ckpt.path), "output": str(out), "kind": "awaker" if cfg else "qwen2-vl",
+    summary = {"source": str(ckpt.path), "output": str(out), "kind": "awaker" if cfg else ckpt.family.label.lower(),
                "quantize": quantize, "double_quant": double_quant, "dtype": dtype,
                "quantize_experts": quantize_experts, "quantized_modules": len(linear_keys) if quantize != "none" else 0,
                "bf16_model_bytes": model_bf16, "bf16_linear_bytes": base_bf16}

@@ -1,4 +1,4 @@
-"""Describe a Qwen2-VL or awaker directory from its headers alone (no weights are loaded)."""
+"""Describe a dense (any supported family) or awaker directory from its headers alone (no weights are loaded)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -37,7 +37,8 @@ def describe(path: str | Path) -> dict:
 
     info = {
         "path": str(ckpt.path),
-        "kind": "awaker" if cfg else "qwen2-vl",
+        "kind": "awaker" if cfg else ckpt.family.label.lower(),  # dense: qwen2-vl, qwen2.5-vl, qwen3-vl
+        "family": ckpt.family.label,
         "architecture": {
             "model_type": ckpt.config.get("model_type"),
             "layers": ckpt.num_layers,
@@ -47,7 +48,7 @@ def describe(path: str | Path) -> dict:
             "kv_heads": text.get("num_key_value_heads"),
             "vocab_size": text.get("vocab_size"),
             "vision_depth": vision.get("depth"),
-            "vision_embed_dim": vision.get("embed_dim"),
+            "vision_embed_dim": vision.get("embed_dim") or vision.get("hidden_size"),
         },
         "parameters": {"total": total, "active_per_token": active, **dict(groups)},
         "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())),
@@ -62,7 +63,7 @@ def describe(path: str | Path) -> dict:
             "alpha": cfg.alpha, "top_k": cfg.top_k, "combine": cfg.combine,
             "lora_targets": cfg.lora_targets, "moe_targets": cfg.moe_targets,
             "routers": cfg.num_routers, "router_owners": cfg.router_owners,
-            "routing_span": cfg.routing_span, "base_model": cfg.base_model,
+            "routing_span": cfg.routing_span, "base_model": cfg.base_model, "family": cfg.family,
         }
     # What other tools get from this directory: transformers skips the awaker tensors (adapters, routers).
     info["transformers_loads"] = ("only the base model (the adapters and routers are awaker's; awaker merge bakes "

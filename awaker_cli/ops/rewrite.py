@@ -106,7 +106,7 @@ def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[st
     """Write a model directory atomically: the streamed tensors, config.json (the source's unless
     given), awaker_config.json (if any), the processor files and a model card."""
     with atomic_output_dir(out, force, inputs=[source.path]) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
+        writer = ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key)
         for key, t in tensors:
             writer.add(key, t.detach().contiguous())
         shards = writer.close()
@@ -161,7 +161,7 @@ def router_probs(bank: dict[str, torch.Tensor], span_means: torch.Tensor, eps: f
 
 
 def load_any(path: str | Path, dtype: torch.dtype | None = None):
-    """An awaker model (adapters attached) or a plain Qwen2-VL, whichever the directory holds."""
+    """An awaker model (adapters attached) or a plain dense model of a supported family, whichever the directory holds."""
     from ..model import load_base, load_model
 
     if (Path(path) / CONFIG_NAME).exists():

@@ -1,4 +1,5 @@
-"""Upcycle a dense Qwen2-VL checkpoint into LoRA-MoE form, streaming tensor by tensor.
+"""Upcycle a dense vision-language checkpoint (any family of model/families.py) into LoRA-MoE form,
+streaming tensor by tensor.
 
 The base tensors are copied bit for bit; every LoRA B starts at zero, so the new model computes
 exactly what the base computes until it is trained.
@@ -66,7 +67,7 @@ def _span_token_ids(base: Checkpoint) -> dict[str, int]:
     """The tokens the routing span rule looks for, from this checkpoint's own config and tokenizer."""
     ids = special_token_ids(base.path, ["<|im_start|>", "<|im_end|>"])
     try:
-        vision_start = int(base.config["vision_start_token_id"])
+        vision_start = base.family.token_ids(base.config)["vision_start_token_id"]
     except (KeyError, TypeError, ValueError):
         raise AwakerError(f"{base.path / 'config.json'}: no vision_start_token_id")
     return {"im_start": ids["<|im_start|>"], "im_end": ids["<|im_end|>"], "vision_start": vision_start}
@@ -91,10 +92,10 @@ def plan_upcycle(base_path: str | Path, config: AwakerConfig, max_shard_size: in
     """Check everything that can go wrong before a byte is written and list what would be written."""
     base = Checkpoint(base_path)
     if (base.path / CONFIG_NAME).exists() or any(is_adapter_key(k) for k in base.tensors):
-        raise AwakerError(f"{base.path}: already an awaker model (upcycle a dense Qwen2-VL checkpoint)")
+        raise AwakerError(f"{base.path}: already an awaker model (upcycle a dense {base.family.label} checkpoint)")
     check_processor_files(base.path)
     config = dataclasses.replace(config, num_layers=base.num_layers, base_model=str(base_path)).validate()
-    config = dataclasses.replace(config, span_token_ids=_span_token_ids(base))
+    config = dataclasses.replace(config, span_token_ids=_span_token_ids(base), family=base.family.name)
     adapters: dict[str, tuple[int, ...]] = {}
     dtype = None
     for layer in range(base.num_layers):
@@ -152,7 +153,7 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
     entries += [Entry(key, plan.dtype, shape, make=functools.partial(_init_adapter, key, shape, plan.dtype, gen, hidden))
                 for key, shape in plan.adapters.items()]
     with atomic_output_dir(out, force, inputs=[base.path]) as tmp:
-        shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress)
+        shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress, key_map=base.family.disk_key)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
         plan.config.save(tmp)
         copied = copy_processor_files(base.path, tmp)
