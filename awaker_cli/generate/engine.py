@@ -736,7 +736,9 @@ class Engine:
                 raise AwakerError(f"{int(where.sum())} image tokens but {features.shape[0]} image features")
             embeds = embeds.masked_scatter(where[..., None].expand_as(embeds), features)
             if self.family.deepstack:  # Qwen3-VL: vision features added after the first decoder layers
-                self._deepstack = (where, [torch.cat(list(f)) for f in out.deepstack_features])
+                # one tensor per layer (transformers 5.17) or one per image (newer releases)
+                self._deepstack = (where, [f if torch.is_tensor(f) else torch.cat(list(f))
+                                           for f in out.deepstack_features])
         return embeds
 
     def _route(self, ids, mask, embeds) -> Routing:
