@@ -23,10 +23,31 @@ def pytest_report_header(config):
     return f"triton kernels: compiled (TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, {where})"
 from PIL import Image
 
+from awaker_cli.checkpoint import Checkpoint
 from awaker_cli.cli import run
 from awaker_cli.tiny import build_tiny_base
 
 SHARD = 200_000  # bytes: the tiny model (~750 kB) then spans several shards
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that time or batch tiny generations: on the shared CI machine multi-threaded tiny
+    kernels wait on descheduled threads (milliseconds per op). Use with pytest.mark.usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def assert_base_copied(base_dir, out):
+    """Every tensor of the base stands in `out` with the same dtype and the same bits."""
+    base, moe = Checkpoint(base_dir), Checkpoint(out)
+    assert set(base.tensors) <= set(moe.tensors)
+    for key in base.tensors:
+        a, b = base.get(key), moe.get(key)
+        assert a.dtype == b.dtype and torch.equal(a, b), key
+    return base, moe
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from awaker_cli.model import AwakerConfig, load_base, load_model
 from awaker_cli.model.families import FAMILIES, family
 from awaker_cli.model.layers import LoRALinear, MoELoRALinear
 
-from .conftest import NEW_FAMILIES, chat_inputs, solid
+from .conftest import NEW_FAMILIES, assert_base_copied, chat_inputs, solid
 
 CASES = [(fam, layout) for fam in NEW_FAMILIES for layout in ("hub", "v5")]
 
@@ -54,11 +54,7 @@ def test_upcycle_family_bit_identical(family_bases, tmp_path, fam, layout):
     base_dir = family_bases[fam, layout]
     out = tmp_path / "moe"
     assert run(["upcycle", str(base_dir), str(out), "--rank", "4", "--max-shard-size", "300KB", "--json"]) == 0
-    base, moe = Checkpoint(base_dir), Checkpoint(out)
-    assert set(base.tensors) <= set(moe.tensors)
-    for key in base.tensors:
-        a, b = base.get(key), moe.get(key)
-        assert a.dtype == b.dtype and torch.equal(a, b), key
+    base, moe = assert_base_copied(base_dir, out)
     assert AwakerConfig.load(out).family == fam
     # Written in the family's hub layout, which its own transformers class loads without a mapping.
     names = {info.name for info in moe.tensors.values()}

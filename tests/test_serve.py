@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx  # the HTTP client the openai client itself uses
 import openai
 import pytest
-import torch
 import uvicorn
 
 from awaker_cli.cli import run
@@ -31,12 +30,7 @@ M = 32  # of the concurrent ones: long enough that they overlap
 KEY = "test-key"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()  # see test_generate.py: tiny kernels on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from awaker_cli.checkpoint.keys import to_hub
 from awaker_cli.cli import run
 from awaker_cli.model import AwakerConfig, load_base, load_model
 
-from .conftest import chat_inputs, solid
+from .conftest import assert_base_copied, chat_inputs, solid
 
 
 @pytest.mark.parametrize("variant", ["hub", "hub-sharded", "v5", "v5-sharded", "flat-config"])
@@ -21,11 +21,7 @@ def test_base_tensors_bit_identical(tiny_bases, tmp_path, variant):
     base_dir = tiny_bases[variant]
     out = tmp_path / "moe"
     assert run(["upcycle", str(base_dir), str(out), "--rank", "4", "--max-shard-size", "300KB", "--json"]) == 0
-    base, moe = Checkpoint(base_dir), Checkpoint(out)
-    assert set(base.tensors) <= set(moe.tensors)
-    for key in base.tensors:
-        a, b = base.get(key), moe.get(key)
-        assert a.dtype == b.dtype and torch.equal(a, b), key
+    base, moe = assert_base_copied(base_dir, out)
     assert len(moe.files) > 1, "300KB shards should split the output"
     for file in moe.files:  # the shards are standard safetensors, readable by the reference library
         stored = load_file(file)
