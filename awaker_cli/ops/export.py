@@ -61,17 +61,19 @@ def quantize_expert(t: torch.Tensor, method: str, *, double_quant: bool, dtype: 
     return {"": p.data, **{"." + k: v for k, v in p.quant_state.as_dict(packed=True).items()}}
 
 
-def quantization_config(method: str, double_quant: bool, dtype: torch.dtype) -> dict:
+def quantization_config(method: str, double_quant: bool, dtype: torch.dtype, skip=SKIP_MODULES) -> dict:
+    """bitsandbytes' config for transformers; skip: the modules left in full precision (the family's)."""
     from transformers import BitsAndBytesConfig
 
+    skip = list(skip)
     if method == "int8":
         # Threshold 0: plain int8 products (per-row absmax scales). bitsandbytes 0.50's default outlier
         # threshold 6.0 asks `outliers.any()` on the host in every linear call, which makes the decode
         # step impossible to capture as a CUDA graph (the engine then decodes eagerly, and says so).
-        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=SKIP_MODULES)
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0, llm_int8_skip_modules=skip)
     else:
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method, bnb_4bit_use_double_quant=double_quant,
-                                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=SKIP_MODULES)
+                                 bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
     return cfg.to_dict()
 
 
@@ -140,7 +142,8 @@ def export(source, out, *, quantize: str = "nf4", double_quant: bool = False, dt
     config["dtype"] = str(torch_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     if quantize != "none":
-        config["quantization_config"] = quantization_config(quantize, double_quant, torch_dtype)
+        config["quantization_config"] = quantization_config(quantize, double_quant, torch_dtype,
+                                                            ckpt.family.quantize_skip)
     card = [f"Made by `awaker export` from `{ckpt.path}`: language-model linear weights "
             + (f"quantized with bitsandbytes ({quantize}{', double quant' if double_quant else ''})"
                if quantize != "none" else f"in {dtype}")

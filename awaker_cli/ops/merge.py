@@ -1,5 +1,6 @@
-"""`awaker merge`: fold adapters into base weights, bake one routing into a plain dense Qwen2-VL, or
-merge routed experts. Every mode streams the source one module at a time (fp32 math, stored dtype out).
+"""`awaker merge`: fold adapters into base weights, bake one routing into a plain dense model of the
+family, or merge routed experts. Every mode streams the source one module at a time (fp32 math, stored
+dtype out).
 
 Merging experts G = {i, j, …} into one:
 - the merged expert's product is the mean of theirs, (1/n) Σ s·B_e A_e, re-factorised to rank r by
@@ -148,11 +149,12 @@ def bake(source, out, routing: Routing, *, force=False, dry_run=False, max_shard
 
     card = [f"Made by `awaker merge` from the awaker model `{ckpt.path}`: one routing ({how}) folded into the "
             f"base weights with combine `{cfg.combine}`; adapters and routers removed.",
-            "A plain Qwen2-VL: it loads with transformers' Qwen2VLForConditionalGeneration.from_pretrained."]
+            f"A plain {ckpt.family.label}: it loads with transformers' "
+            f"{ckpt.family.model_class}.from_pretrained."]
     with bar("bake", ckpt.total_bytes) as advance:
         tensors = stream(ckpt, weight=weight, adapter=lambda *a: [], routers=lambda bank: [], progress=advance)
         summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=None,
-                                    max_shard_size=max_shard_size, title="dense Qwen2-VL (awaker routing baked in)",
+                                    max_shard_size=max_shard_size, title=f"dense {ckpt.family.label} (awaker routing baked in)",
                                     card=card))
     return summary
 

@@ -33,6 +33,7 @@ from ..checkpoint import Checkpoint, check_not_an_input
 from ..checkpoint.outputs import output_lock
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
+from ..model.families import family_of_model
 from ..model.routing import Routing, SpanTokens
 from ..model.save import save_with_source_base
 from ..progress import stderr
@@ -265,7 +266,7 @@ def prepare_for_training(model, gradient_checkpointing: bool):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
     model.train()
-    model.model.visual.eval()  # frozen, untouched
+    family_of_model(model).vision(model).eval()  # frozen, untouched
 
 
 def token_loss_sum(net, model, batch: dict, device: torch.device, precision: str) -> torch.Tensor:

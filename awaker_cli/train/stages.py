@@ -76,7 +76,7 @@ def plan_stage(r: Recipe) -> StagePlan:
     if r.stage == 1:
         ckpt = Checkpoint(r.model)
         if (ckpt.path / CONFIG_NAME).is_file():
-            raise AwakerError(f"model {r.model}: already an awaker model; stage 1 starts from a dense Qwen2-VL "
+            raise AwakerError(f"model {r.model}: already an awaker model; stage 1 starts from a dense model "
                               "(use init_from with stage 2 or 3 to continue an awaker model)")
         missing = missing_processor_files(ckpt.path)
         if missing:
@@ -87,7 +87,8 @@ def plan_stage(r: Recipe) -> StagePlan:
             lora_targets=list(_default(a.lora_targets, STAGE1_TARGETS)),
             router_noise_std=_default(a.router_noise_std, 0.1), combine="convex",
             routing_span=_default(a.routing_span, "prompt"),
-            num_layers=ckpt.num_layers, base_model=str(r.model), span_token_ids=_span_token_ids(ckpt))
+            num_layers=ckpt.num_layers, base_model=str(r.model), span_token_ids=_span_token_ids(ckpt),
+            family=ckpt.family.name)
         return StagePlan(1, ckpt.path, cfg.validate(), None)
 
     ckpt, prev = _load_previous(r.init_from, r.stage)
@@ -111,6 +112,7 @@ def plan_stage(r: Recipe) -> StagePlan:
             router_noise_std=_default(a.router_noise_std, 0.1), router_norm_eps=prev.router_norm_eps,
             combine=_default(a.combine, "convex"), routing_span=_default(a.routing_span, prev.routing_span),
             span_token_ids=dict(prev.span_token_ids), num_layers=prev.num_layers, base_model=prev.base_model,
+            family=prev.family,
         ).with_moe_targets_only_owners()
         return StagePlan(2, ckpt.path, cfg.validate(), prev)
 
