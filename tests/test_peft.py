@@ -170,3 +170,18 @@ def test_folded_stage1_is_a_plain_dense_model(stage1, batch, tmp_path, capsys):
     torch.testing.assert_close(dense.eval()(**batch).logits, load_model(stage1).eval()(**batch).logits,
                                atol=2e-5, rtol=1e-5)
     assert "lora" not in (out / "README.md").read_text().split("---")[1]  # card metadata: no LoRA tags
+
+
+@torch.no_grad()
+def test_import_peft_reads_hub_key_names(tiny_base, batch, tmp_path, capsys):
+    """Adapters saved against transformers 4 name modules by their hub path (model.layers.N…): same import."""
+    from safetensors.torch import load_file, save_file
+
+    model = peft_adapter(tiny_base, tmp_path / "adapter", seed=4, r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    save_file({k.replace("model.language_model.", "model."): v for k, v in tensors.items()}, str(file))
+    assert not any("language_model" in k for k in load_file(str(file)))
+    call(capsys, "import-peft", tmp_path / "adapter", tmp_path / "stage1", "--base", tiny_base)
+    torch.testing.assert_close(load_model(tmp_path / "stage1").eval()(**batch).logits, model(**batch).logits,
+                               atol=1e-5, rtol=1e-5)

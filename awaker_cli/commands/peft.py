@@ -25,12 +25,10 @@ def export_peft(
 
     \b
     awaker export-peft out/stage1 out/stage1-peft
-    python -c "from peft import PeftModel; PeftModel.from_pretrained(base, 'out/stage1-peft')"
-    vllm serve BASE --enable-lora --max-lora-rank R --lora-modules stage1=out/stage1-peft
+    PeftModel.from_pretrained(base, "out/stage1-peft")     (Python)
+    vllm serve BASE --enable-lora --max-lora-rank R --lora-modules s1=DIR
 
-    OUT holds adapter_config.json and adapter_model.safetensors with peft's key names: peft (and tools that
-    read its format, e.g. vLLM's --enable-lora with --max-lora-rank at least r) load it on top of the base.
-    A LoRA-MoE model (routed experts) cannot be exported: peft has no routing.
+    OUT holds adapter_config.json and adapter_model.safetensors with peft's key names: peft (and tools that read its format, e.g. vLLM's --enable-lora with --max-lora-rank at least r) load it on top of the base. A LoRA-MoE model (routed experts) cannot be exported: peft has no routing.
     """
     from ..ops.peft import export_peft as run
 
@@ -58,9 +56,7 @@ def import_peft(
     awaker import-peft my-lora --base Qwen/Qwen2-VL-7B-Instruct out/stage1
     awaker train stage2 init_from=out/stage1 output_dir=out/stage2 data.train=data.json
 
-    OUT is what `awaker train` writes for stage I: the base, the LoRA (same r, alpha and tensors, so the same
-    outputs as peft's model) and awaker_config.json. Stage II makes its experts from the LoRA of
-    o/gate/up/down_proj, so a LoRA without them cannot start a default stage II (narrow adapter.moe_targets).
+    OUT is what `awaker train` writes for stage I: the base, the LoRA (same r, alpha and tensors, so the same outputs as peft's model) and awaker_config.json. Stage II makes its experts from the LoRA of o/gate/up/down_proj, so a LoRA without them cannot start a default stage II (narrow adapter.moe_targets).
     """
     from ..ops.peft import import_peft as run
 
