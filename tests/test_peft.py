@@ -177,7 +177,8 @@ def test_import_peft_reads_hub_key_names(tiny_base, batch, tmp_path, capsys):
     """Adapters saved against transformers 4 name modules by their hub path (model.layers.N…): same import."""
     from safetensors.torch import load_file, save_file
 
-    model = peft_adapter(tiny_base, tmp_path / "adapter", seed=4, r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    model = peft_adapter(tiny_base, tmp_path / "adapter", seed=4, r=2, lora_alpha=4,
+                         target_modules=["q_proj", "up_proj"])
     file = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(str(file))
     save_file({k.replace("model.language_model.", "model."): v for k, v in tensors.items()}, str(file))

@@ -44,7 +44,8 @@ def export_peft(
 def import_peft(
     adapter: Path = typer.Argument(..., help="A peft LoRA adapter directory (adapter_config.json + "
                                              "adapter_model.safetensors), e.g. from save_pretrained."),
-    out: Path = typer.Argument(..., help="Output directory for the stage-I awaker model (must not exist, or be empty)."),
+    out: Path = typer.Argument(..., help="Output directory for the stage-I awaker model (must not exist, "
+                                         "or be empty)."),
     base: str = typer.Option(..., "--base", help="The dense model the adapter was trained on (a directory or a "
                              "hub id in the local cache)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier awaker output."),

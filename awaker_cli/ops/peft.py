@@ -98,7 +98,8 @@ def _read_adapter_config(adapter: Path) -> dict:
     # what a plain LoRA of awaker cannot express
     unsupported = [(config.get("use_dora"), "DoRA (use_dora)"), (config.get("bias", "none") != "none", "bias"),
                    (config.get("lora_bias"), "lora_bias"), (config.get("modules_to_save"), "modules_to_save"),
-                   (config.get("fan_in_fan_out"), "fan_in_fan_out"), (config.get("target_parameters"), "target_parameters"),
+                   (config.get("fan_in_fan_out"), "fan_in_fan_out"),
+                   (config.get("target_parameters"), "target_parameters"),
                    (config.get("layer_replication"), "layer_replication"),
                    (config.get("trainable_token_indices"), "trainable_token_indices")]
     used = [name for flag, name in unsupported if flag]
@@ -183,7 +184,8 @@ def import_peft(adapter, base, out, *, force: bool = False, bar=no_bar) -> dict:
                     A, B = pair["lora_A"], pair["lora_B"]
                     if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
                         raise AwakerError(f"{adapter}: {path} has LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)}; "
-                                          f"the base's weight is {out_f}x{in_f} (is --base the model it was trained on?)")
+                                          f"the base's weight is {out_f}x{in_f} (is --base the model it was "
+                                          "trained on?)")
                 elif pair:
                     raise AwakerError(f"{adapter}: {path} has only {', '.join(pair)} (a LoRA needs A and B)")
                 else:  # a layer peft left out (layers_to_transform): B = 0 adds nothing, A trains in stage II
