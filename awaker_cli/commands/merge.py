@@ -34,7 +34,7 @@ def merge(
     """Merge adapters into weights.
 
     \b
-    awaker merge MODEL OUT                      fold the q/k/v LoRA into the base (still an awaker model)
+    awaker merge MODEL OUT                      fold the plain LoRA into the base (stage I: a dense model)
     awaker merge MODEL OUT --expert 2 --p 0.8   plain dense Qwen2-VL: expert 2 at p=0.8 + global expert
     awaker merge MODEL OUT --data eval.jsonl    plain dense Qwen2-VL with the routing the data picks most
     awaker merge MODEL OUT --experts 1,3        one expert fewer: 1 and 3 merged, their router rows combined
@@ -52,6 +52,9 @@ def merge(
     mode = result["mode"]
     if mode == "fold-lora":
         stderr.print(f"{verb} {out}: {result['folded_modules']} LoRA modules folded into the base weights")
+    elif mode == "fold-lora-dense":
+        stderr.print(f"{verb} {out}: a plain dense model, {result['folded_modules']} LoRA modules folded into its "
+                     "weights")
     elif mode == "bake":
         experts_used = sorted({e for r in result["routing"] for e in r["experts"]})
         stderr.print(f"{verb} {out}: a plain Qwen2-VL with {result['how']} baked in "

@@ -44,14 +44,16 @@ def router_name(cfg: AwakerConfig, r: int) -> str:
 
 # -- fold q/k/v LoRA ------------------------------------------------------------------------------------
 def fold_lora(source, out, *, force=False, dry_run=False, max_shard_size=DEFAULT_SHARD_SIZE, bar=no_bar) -> dict:
-    """Fold every plain LoRA (q/k/v) into its base weight; the result is an awaker model without them."""
+    """Fold every plain LoRA (q/k/v) into its base weight; the result is an awaker model without them, or a
+    plain dense model when there are no experts (a stage-I model)."""
     ckpt, cfg = open_source(source, "merge")
     if not dry_run:
         check_target(ckpt, out, force)
     folded = set(lm_module_path(i, p) for i in range(cfg.num_layers) for p in cfg.lora_targets)
     new_cfg = dataclasses.replace(cfg, lora_targets=[])
-    summary = {"mode": "fold-lora", "source": str(ckpt.path), "output": str(out), "folded_modules": len(folded),
-               "awaker_config": new_cfg.to_dict()}
+    dense = not new_cfg.moe_targets  # a stage-I model folded: nothing of awaker's is left
+    summary = {"mode": "fold-lora-dense" if dense else "fold-lora", "source": str(ckpt.path), "output": str(out),
+               "folded_modules": len(folded), "awaker_config": None if dense else new_cfg.to_dict()}
     if not folded:
         raise AwakerError(f"{ckpt.path}: has no plain LoRA to fold (lora_targets is empty)")
     if dry_run:
@@ -66,13 +68,18 @@ def fold_lora(source, out, *, force=False, dry_run=False, max_shard_size=DEFAULT
     def adapter(path, A, B):
         return [] if path in folded else [(path + ".lora_A", A), (path + ".lora_B", B)]
 
-    card = [f"Made by `awaker merge` from `{ckpt.path}`: the plain LoRA of {', '.join(cfg.lora_targets)} is "
-            "folded into the base weights (fp32 math); experts and routers are unchanged."]
+    if not dense:
+        card = [f"Made by `awaker merge` from `{ckpt.path}`: the plain LoRA of {', '.join(cfg.lora_targets)} is "
+                "folded into the base weights (fp32 math); experts and routers are unchanged."]
+        title, routers = "awaker LoRA-MoE model (q/k/v LoRA merged)", None
+    else:  # a plain dense model: no awaker_config.json, no (empty) router tensors
+        card = [f"Made by `awaker merge` from `{ckpt.path}`: its plain LoRA ({', '.join(cfg.lora_targets)}) is "
+                "folded into the base weights (fp32 math)."]
+        title, routers, new_cfg = f"dense {ckpt.family.label} (awaker LoRA merged in)", (lambda bank: []), None
     with bar("merge", ckpt.total_bytes) as advance:
-        tensors = stream(ckpt, weight=weight, adapter=adapter, progress=advance)
+        tensors = stream(ckpt, weight=weight, adapter=adapter, routers=routers, progress=advance)
         summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=new_cfg,
-                                    max_shard_size=max_shard_size, title="awaker LoRA-MoE model (q/k/v LoRA merged)",
-                                    card=card))
+                                    max_shard_size=max_shard_size, title=title, card=card))
     return summary
 
 
