@@ -63,11 +63,11 @@ class DataSection:
     # JSON (an array of records) or JSONL files, Hugging Face datasets (a save_to_disk folder, .parquet,
     # .arrow); the layout of each record is detected
     train: list[str] = field(default_factory=list)
+    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
     # an eval split: files in the same formats as train, or val_size records held out of train (a
     # fraction < 1 or a count, the same records on every run of the recipe); evaluated every train.eval_steps
     val: list[str] = field(default_factory=list)
     val_size: float = 0.0
-    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
     # LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)
     dataset: list[str] = field(default_factory=list)
     dataset_dir: str = "data"
