@@ -144,6 +144,40 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_base, data, tmp_path, lr, 
     assert train(load_recipe("tiny-stage1", argv), quiet=True)["skipped"]
 
 
+def test_killed_and_resumed_early_stopping_equals_uninterrupted(tiny_base, data, tmp_path):
+    """Killed after step 2 (checkpoint 2, best at step 1): the resumed run carries the best and the count
+    of evaluations since it on, stops at the same step and ends with the same weights."""
+    def argv(out):
+        return [f"model={tiny_base}", f"data.train={data}", f"data.val={data}", f"output_dir={out}", "train.epochs=10",
+                "train.eval_steps=1", "train.early_stopping_patience=2", "train.save_steps=2", *FAST,
+                "train.lr=1e-12", "train.batch_size=8"]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train(load_recipe("tiny-stage1", argv(full)), quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(step, _):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(load_recipe("tiny-stage1", argv(killed)), after_step=kill_after_2, quiet=True)
+    assert json.loads((killed / "best" / "best.json").read_text())["step"] == 1
+    summary = train(load_recipe("tiny-stage1", argv(killed)), quiet=True)
+    assert summary["resumed"] and summary["stopped_early"] and summary["step"] == 3
+
+    def evals(out):
+        return [(r["step"], r["eval_loss"], r["best"]) for r in metrics(out) if "eval_loss" in r]
+
+    assert evals(killed) == evals(full) and [s for s, _, _ in evals(full)] == [1, 2, 3]
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not (killed / "best").exists() and not (killed / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.val_size=0.5", "data.val=x.jsonl"], "both set"),
     (["train.eval_steps=5"], "needs an eval split"),

@@ -174,7 +174,7 @@ class Evaluator:
     """The loss the run trains, on the eval records: token cross-entropy over their label tokens and, with
     train.balance_loss_coef, the balance loss over all of them (as over one step), without gradients, in
     eval mode (no dropout, no router noise). Each process takes every world-th record; every process runs
-    the same number of forwards (fsdp gathers in each), the padding rows of a short shard count nothing."""
+    the same number of forwards (fsdp gathers in each); a shard that has run out runs record 0, masked out."""
 
     def __init__(self, val, encoder: Encoder, pad_id: int, batch_size: int, ctx, skip_bad: bool):
         shard = list(range(ctx.rank, len(val), ctx.world))
