@@ -206,3 +206,16 @@ def test_stats_plot_draws_the_routing_heatmap(random_moe, data, tmp_path, capsys
     assert run(["stats", str(random_moe), "--data", str(data), "--plot", str(png)]) == 2
     assert run(["stats", str(random_moe), "--data", str(data), "--plot", str(data)]) == 2
     assert run(["stats", str(random_moe), "--data", str(data), "--plot", str(png), "--force"]) == 0
+
+
+def test_report_to_a_missing_library_is_one_line_before_loading(tiny_base, data, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    out = tmp_path / "o"
+    assert run(["train", "--recipe", "tiny-stage1", f"model={tiny_base}", f"data.train={data}", f"output_dir={out}",
+                "train.report_to=wandb", "train.progress=false"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "the wandb package is not installed" in err[0] and "awaker[wandb]" in err[0], err
+    assert not out.exists()

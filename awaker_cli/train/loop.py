@@ -639,8 +639,8 @@ def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, 
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(record) + "\n")
                     reporter.log(record, "eval")
-                    say(f"step {done_steps}: eval loss {ev['eval_loss']:.4f}"
-                        + (" [green](best)[/]" if improved else f" (best {best['eval_loss']:.4f} at step {best['step']})"))
+                    was = f" (best {best['eval_loss']:.4f} at step {best['step']})"
+                    say(f"step {done_steps}: eval loss {ev['eval_loss']:.4f}" + (" [green](best)[/]" if improved else was))
                 if t.early_stopping_patience and best["bad"] >= t.early_stopping_patience and done_steps < total:
                     stopped_early = True
             if t.save_steps and done_steps % t.save_steps == 0 and done_steps < total:
