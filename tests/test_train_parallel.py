@@ -131,3 +131,23 @@ def test_processes_must_see_the_same_output_dir(tmp_path):
     with pytest.raises(AwakerError, match="filesystem every process shares"):
         _check_shared(ctx, tmp_path, "step-00000002")
     _check_shared(ctx, tmp_path, None)  # nothing to resume on either: the same
+
+
+@pytest.mark.parametrize("mode, batch, accum", [("ddp", 2, 1), ("fsdp", 1, 2)])
+def test_eval_split_over_processes_matches_one_process(tiny_base, data, tmp_path, mode, batch, accum):
+    """3 eval records over 2 processes at batch 1 or 2: the shards differ in length (one runs a masked
+    record), and the eval loss still equals the one-process evaluation of the same weights."""
+    val = write_synthetic_dataset(tmp_path / "val", n=3, seed=2, name="val.jsonl")
+    extra = ["adapter.dropout=0", f"data.val={val}", "train.eval_steps=1"]
+    one = tmp_path / "one"
+    train(load_recipe("tiny-stage1", _common(tiny_base, data, one) + extra + ["train.batch_size=4",
+                                                                             "train.grad_accum=1"]), quiet=True)
+    out = tmp_path / mode
+    _torchrun(*_common(tiny_base, data, out), *extra, f"train.parallel={mode}", f"train.batch_size={batch}",
+              f"train.grad_accum={accum}")
+    ours = [m for m in _metrics(out) if "eval_loss" in m]
+    ref = [m for m in _metrics(one) if "eval_loss" in m]
+    assert [m["step"] for m in ours] == [m["step"] for m in ref] == [1, 2]
+    for m, r in zip(ours, ref):
+        assert m["eval_records"] == 3 and m["eval_loss"] == pytest.approx(r["eval_loss"], rel=1e-5)
+    assert (out / "loss.png").is_file()

@@ -22,6 +22,9 @@ def stats(
     min_pixels: MinPixels = None,
     max_pixels: MaxPixels = None,
     image_root: ImageRoot = None,
+    plot: Path = typer.Option(None, "--plot", help="Also draw the routing as a heatmap to this PNG: the share "
+                                                  "of the records each expert gets, per router and layer."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --plot file (one awaker drew)."),
     json_out: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ):
     """Routing statistics: per router and per task, the share of records each expert gets, the mean
@@ -30,7 +33,7 @@ def stats(
 
     s = run_stats(model, data, batch_size=batch_size, limit=limit,
                   bar=functools.partial(progress_bar, enabled=not json_out), min_pixels=min_pixels,
-                  max_pixels=max_pixels, image_root=image_root)
+                  max_pixels=max_pixels, image_root=image_root, plot=plot, force=force)
     if json_out:
         return print_json(s)
     E = s["experts"]
@@ -52,3 +55,5 @@ def stats(
     for task, d in s.get("tasks", {}).items():
         row(f"task {task} ({d['records']})", d)
     stderr.print(table)
+    if plot is not None:
+        stderr.print(f"[green]wrote[/] {plot}")

@@ -75,7 +75,12 @@ def router_bank(ckpt) -> dict[str, torch.Tensor]:
 
 def stats(model: str | Path, data: str | Path, *, batch_size: int = 4, limit: int | None = None,
           bar=no_bar, min_pixels: int | None = None, max_pixels: int | None = None,
-          image_root: str | None = None) -> dict:
+          image_root: str | None = None, plot: str | Path | None = None, force: bool = False) -> dict:
+    """plot: also draw the routing heatmap (plots.routing_plot) to this PNG."""
+    if plot is not None:
+        from ..plots import check_plot_target
+
+        check_plot_target(plot, force, [model, data])
     ckpt, cfg = open_source(model, "stats", quantized_ok=True)
     if cfg.num_routers == 0:
         raise AwakerError(f"{ckpt.path}: a plain-LoRA model (stage 1) has no routers, so there is no routing to "
@@ -85,4 +90,12 @@ def stats(model: str | Path, data: str | Path, *, batch_size: int = 4, limit: in
                   max_pixels=max_pixels)
     if run.expert_ids is None:
         raise AwakerError(f"{ckpt.path}: no routing was recorded")
-    return {"model": str(ckpt.path), "data": str(data), **routing_stats(cfg, run, router_bank(ckpt))}
+    out = {"model": str(ckpt.path), "data": str(data), **routing_stats(cfg, run, router_bank(ckpt))}
+    if plot is not None:
+        from ..plots import routing_plot, share_by_layer
+
+        share = share_by_layer([r["counts"] for r in out["routers"]], len(cfg.router_names))
+        routing_plot(share, cfg.router_names, plot, f"routing of {out['records']} records of {Path(data).name} by "
+                     f"{ckpt.path.name} (top-{cfg.top_k} of {cfg.num_experts} experts)")
+        out["plot"] = str(plot)
+    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import io
 import json
+import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -367,6 +368,31 @@ def collate(samples: list[dict], pad_id: int) -> dict:
 
 
 MAX_CONSECUTIVE_BAD = 100
+
+
+class RecordSubset(RecordIndex):
+    """Some records of a RecordIndex (positions in it), read back the same way."""
+
+    def __init__(self, index: RecordIndex, positions: list[int]):
+        self.index, self.positions, self.n = index, list(positions), len(positions)
+
+    def locate(self, i: int):
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.index.locate(self.positions[i % self.n])
+
+
+def hold_out(records: RecordIndex, size: float, seed: int) -> tuple[RecordSubset, RecordSubset]:
+    """(train, val): `size` records (a fraction below 1, or a count) drawn with `seed` go to val; the same
+    ones on every run of a recipe, so a resumed run trains on the same records."""
+    n = len(records)
+    k = round(size * n) if size < 1 else int(size)
+    if not 1 <= k < n:
+        raise AwakerError(f"data.val_size {size:g}: holds out {k} of {n} usable records; it must leave at least "
+                          "one record on each side")
+    val = sorted(random.Random(seed).sample(range(n), k))
+    held = set(val)
+    return RecordSubset(records, [i for i in range(n) if i not in held]), RecordSubset(records, val)
 
 
 class RecordDataset(torch.utils.data.Dataset):

@@ -39,13 +39,18 @@ from ..model.save import save_with_source_base
 from ..progress import stderr
 from . import parallel
 from . import state as ckpt_io
-from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, read_records, record_image_settings
+from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, hold_out, read_records, \
+    record_image_settings
 from .recipe import RUN_CONTROL_FIELDS, Recipe, diff_fields, read_yaml, require_paths
+from .report import Reporter, check_available
 from .stages import build_stage_model, describe_trainable, plan_stage, trainable_parameters
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "train_state.json"
+LOSS_PLOT = "loss.png"
+ROUTING_PLOT = "routing.png"
+BEST_DIR = "best"  # the adapters of the best evaluation so far (with an eval split)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,6 +168,116 @@ class _LateSkips:
 
     def to_dict(self) -> dict:
         return {"skipped_while_training": self.total, "skip_reasons_while_training": dict(self.reasons)}
+
+
+# -- eval split --------------------------------------------------------------------------------------
+class Evaluator:
+    """The loss the run trains, on the eval records: token cross-entropy over their label tokens and, with
+    train.balance_loss_coef, the balance loss over all of them (as over one step), without gradients, in
+    eval mode (no dropout, no router noise). Each process takes every world-th record; every process runs
+    the same number of forwards (fsdp gathers in each); a shard that has run out runs record 0, masked out."""
+
+    def __init__(self, val, encoder: Encoder, pad_id: int, batch_size: int, ctx, skip_bad: bool):
+        shard = list(range(ctx.rank, len(val), ctx.world))
+        n_batches = math.ceil(math.ceil(len(val) / ctx.world) / batch_size)
+        self.batches, self.valid = [], []
+        for b in range(n_batches):
+            idx = shard[b * batch_size:(b + 1) * batch_size]
+            self.valid.append(len(idx))
+            self.batches.append(idx or [0])
+        self.loader = torch.utils.data.DataLoader(RecordDataset(val, encoder, skip_bad=skip_bad),
+                                                  batch_sampler=self.batches,
+                                                  collate_fn=functools.partial(collate, pad_id=pad_id))
+        self.ctx, self.records = ctx, len(val)
+
+    def run(self, net, model, device, precision: str, coef: float, num_experts: int) -> dict:
+        loss_sum = n_labels = 0.0
+        importance = load = None
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch, valid in zip(self.loader, self.valid):
+                    batch.pop("skipped", None)
+                    batch["labels"][valid:] = IGNORE_INDEX
+                    n_labels += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    loss_sum += float(token_loss_sum(net, model, batch, device, precision))
+                    if coef:
+                        r = model.awaker_state.current
+                        probs, ids = r.probs[:valid].float(), r.expert_ids[:valid]
+                        gates = probs.new_zeros(*probs.shape[:2], num_experts).scatter(2, ids, probs)
+                        used = torch.zeros_like(gates).scatter(2, ids, 1.0)
+                        importance = gates.sum(0) if importance is None else importance + gates.sum(0)
+                        load = used.sum(0) if load is None else load + used.sum(0)
+        finally:
+            model.train()
+            model.model.visual.eval()
+        loss_total, labels = self.ctx.all_sum([loss_sum, n_labels])
+        out = {"eval_loss": loss_total / max(labels, 1.0), "eval_records": self.records}
+        if coef:
+            importance, load = _all_sum_tensor(self.ctx, importance), _all_sum_tensor(self.ctx, load)
+            out["eval_balance_loss"] = float((_cv_squared(importance) + _cv_squared(load)).mean())
+        return out
+
+
+def eval_objective(ev: dict, coef: float) -> float:
+    """What early stopping and the best model go by: the eval loss plus the weighted balance loss."""
+    return ev["eval_loss"] + coef * ev.get("eval_balance_loss", 0.0)
+
+
+def _save_best(out: Path, adapters: dict, info: dict):
+    """BEST_DIR/adapters.safetensors + best.json, replaced as a whole."""
+    from safetensors.torch import save_file
+
+    tmp = out / f".{BEST_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous() for k, v in adapters.items()}, str(tmp / "adapters.safetensors"))
+    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    old = out / BEST_DIR
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(tmp, old)
+
+
+def _restore_best(out: Path, start: int, eval_steps: int) -> dict | None:
+    """The best evaluation so far when resuming at `start` (one written after that step is dropped:
+    it is about to be recomputed), with the number of evaluations since it."""
+    info = _read_json(out / BEST_DIR / "best.json")
+    if not info or info.get("step", 0) > start or start == 0:
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        return None
+    info["bad"] = (start // eval_steps - info["step"] // eval_steps) if eval_steps else 0
+    return info
+
+
+def _count_routes(counts: torch.Tensor | None, model):
+    """Add a forward's router decisions to counts [R, E]."""
+    routing = model.awaker_state.current
+    if counts is not None and routing is not None:
+        counts += F.one_hot(routing.expert_ids.detach(), counts.shape[1]).sum((0, 2)).to(counts)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def write_plots(out: Path, stage: int, config, route_counts: torch.Tensor | None, steps: tuple[int, int]) -> list[str]:
+    """loss.png from metrics.jsonl and (stages II-III) routing.png from the run's router decisions."""
+    from ..plots import loss_plot, routing_plot, share_by_layer
+
+    written = [loss_plot(_read_metrics(out / METRICS_FILE), out / LOSS_PLOT,
+                         f"awaker stage {stage}: {out.name}").name]
+    if route_counts is not None and int(route_counts.sum()):
+        share = share_by_layer(route_counts.cpu().numpy(), len(config.router_names))
+        routing_plot(share, config.router_names, out / ROUTING_PLOT,
+                     f"stage {stage} routing of the training records, steps {steps[0] + 1}-{steps[1]} "
+                     f"(top-{config.top_k} of {config.num_experts} experts)")
+        written.append(ROUTING_PLOT)
+    return written
 
 
 # -- output directory --------------------------------------------------------------------------------
@@ -300,6 +415,14 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
     plan = plan_stage(recipe)  # JSON files only: every recipe problem shows before weights load
     records, stats = read_records(d.train, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records,
                                   dataset=d.dataset, dataset_dir=d.dataset_dir)
+    val = None
+    if d.val:
+        val, _ = read_records(d.val, fmt=d.format, image_root=d.image_root, skip_bad=d.skip_bad_records)
+        if not len(val):
+            raise AwakerError(f"data.val: no usable records in {', '.join(d.val)}")
+    elif d.val_size:
+        records, val = hold_out(records, d.val_size, t.seed)
+    check_available(t.report_to)
     ctx = parallel.setup_dist(t.device)
     say = say if ctx.main else (lambda *a, **k: None)
     created = not out.exists()
@@ -307,7 +430,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
         # one run per output_dir: the main process holds the lock (its other processes are the same run)
         with output_lock(out) if ctx.main else contextlib.nullcontext():
             try:
-                return _run(recipe, plan, records, stats, ctx, out, say, after_step, quiet)
+                return _run(recipe, plan, records, val, stats, ctx, out, say, after_step, quiet)
             except BaseException:
                 if ctx.main and created:
                     _remove_if_nothing_trained(out)
@@ -325,7 +448,7 @@ def _remove_if_nothing_trained(out: Path):
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet) -> dict:
+def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet) -> dict:
     from transformers import AutoProcessor
 
     t, d = recipe.train, recipe.data
@@ -398,7 +521,9 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     skipped = (f", [yellow]{stats.skipped} bad record(s) skipped[/] ({escape(stats.skip_line())})"
                if stats.skipped else "")
     say(f"[bold]stage {plan.stage}[/] from {plan.source}: {stats.records} records "
-        f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}){skipped}, {total} steps of {global_batch} "
+        f"({', '.join(f'{k} {v}' for k, v in stats.layouts.items())}){skipped}"
+        f"{f', {len(val)} for eval' + (f' (held out, {len(records)} train)' if d.val_size else '') if val else ''}, "
+        f"{total} steps of {global_batch} "
         f"({steps_per_epoch} per epoch), {trainable['total']:,} trainable parameters "
         f"(LoRA {trainable['lora']:,}, experts {trainable['experts']:,}, routers {trainable['routers']:,}), "
         f"{ctx.world} process(es){f' ({t.parallel})' if ctx.world > 1 else ''} on {ctx.device.type}, {t.precision}; "
@@ -422,6 +547,13 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
     last: dict = {}
     late = _LateSkips(say)  # records that fail only when decoded (data.skip_bad_records)
     balance = StepBalance(model, num_experts, ctx) if coef else None
+    route_counts = (torch.zeros(plan.config.num_routers, num_experts, dtype=torch.long, device=ctx.device)
+                    if plan.config.num_routers else None)
+    evaluator = Evaluator(val, encoder, pad_id, t.batch_size, ctx, d.skip_bad_records) if val is not None else None
+    best = _restore_best(out, start, t.eval_steps) if evaluator and ctx.main else None
+    best = ctx.gather_objects(best)[0] if ctx.world > 1 else best  # the main process's view decides
+    reporter = Reporter(t.report_to if ctx.main else "none", out, recipe.to_dict())
+    stopped_early = False
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -436,6 +568,7 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                 sync = parallel.gradient_sync(net, sync=i == len(micro) - 1)
                 with sync:
                     token_loss = token_loss_sum(net, model, m, ctx.device, t.precision)
+                    _count_routes(route_counts, model)
                     loss = token_loss * (ctx.world / max(n_labels, 1.0))
                     if coef:
                         # over the whole step (every micro-batch and process), added to its last backward
@@ -486,12 +619,40 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
                     record["skipped_records"] = late.total
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                reporter.log(record)
                 window = {"loss": 0.0, "balance": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+            if evaluator and ((t.eval_steps and done_steps % t.eval_steps == 0) or done_steps == total):
+                ev = evaluator.run(model if not sharded else net, model, ctx.device, t.precision, coef, num_experts)
+                objective = eval_objective(ev, coef)
+                improved = best is None or objective < best["objective"]
+                if improved:
+                    best = {"step": done_steps, "objective": objective, **ev, "bad": 0}
+                    adapters = parallel.full_tensors(adapter_state_dict(model), keep=ctx.main)
+                    if ctx.main:
+                        _save_best(out, adapters, {k: v for k, v in best.items() if k != "bad"})
+                    del adapters
+                else:
+                    best["bad"] += 1
+                last.update(ev)
+                if ctx.main:
+                    record = {"step": done_steps, "epoch": last["epoch"], **ev, "best": improved,
+                              "time": round(time.time(), 3)}
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    reporter.log(record, "eval")
+                    was = f" (best {best['eval_loss']:.4f} at step {best['step']})"
+                    say(f"step {done_steps}: eval loss {ev['eval_loss']:.4f}" + (" [green](best)[/]" if improved else was))
+                if t.early_stopping_patience and best["bad"] >= t.early_stopping_patience and done_steps < total:
+                    stopped_early = True
             if t.save_steps and done_steps % t.save_steps == 0 and done_steps < total:
                 _save_training_state(ctx, out, model, optimizer, scheduler, done_steps, len(records), global_batch,
                                      recipe, tokens_seen, t.save_total_limit, sharded)
             if after_step is not None:
                 after_step(done_steps, last)
+            if stopped_early:
+                say(f"[yellow]early stopping[/] at step {done_steps}: {best['bad']} evaluation(s) without improvement; "
+                    f"the model keeps the best evaluation's weights (step {best['step']})")
+                break
     except KeyboardInterrupt:
         progress.close()
         saved = ckpt_io.list_checkpoints(out)
@@ -500,10 +661,19 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         raise
     finally:
         progress.close()
+        reporter.close()
+    end = last.get("step", start)
+    if route_counts is not None:
+        route_counts = _all_sum_tensor(ctx, route_counts)
 
     # the final model: a normal awaker directory, in the output directory itself. The base is frozen, so
     # its tensors are copied byte for byte from the source's files; only the adapters come from memory.
     adapters = parallel.full_tensors(adapter_state_dict(model), keep=ctx.main)
+    if ctx.main and best is not None and best["step"] != end:
+        # with an eval split the model is the best evaluation's (the adapters saved then)
+        from safetensors.torch import load_file
+
+        adapters = load_file(str(out / BEST_DIR / "adapters.safetensors"))
     if ctx.main:
         source = Checkpoint(plan.source)
         save_dtype = _source_dtype(source) if t.save_dtype == "auto" else _DTYPES[t.save_dtype]
@@ -511,26 +681,40 @@ def _run(recipe, plan, records, stats, ctx: parallel.Dist, out: Path, say, after
         if staged.exists():
             shutil.rmtree(staged)
         save_with_source_base(staged, source, adapters, plan.config, force=True,
-                              title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, total, last),
+                              title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, end, last),
                               adapter_dtype=save_dtype)
         record_image_settings(staged, d.min_pixels, d.max_pixels)
         del adapters
         _publish_model(staged, out)
-        summary = {"done": True, "stage": plan.stage, "step": total, "total_steps": total,
+        summary = {"done": True, "stage": plan.stage, "step": end, "total_steps": total,
                    "final_loss": last.get("loss"), "tokens_seen": tokens_seen,
                    "data": {**stats.to_dict(), **late.to_dict()},
                    "world_size": ctx.world}
+        if best is not None:
+            summary["best_eval"] = {k: v for k, v in best.items() if k != "bad"}
+            summary["stopped_early"] = stopped_early
+        try:
+            summary["plots"] = write_plots(out, plan.stage, plan.config, route_counts, (start, end))
+        except Exception as e:  # noqa: BLE001 - a picture that fails must not cost the trained model
+            say(f"[yellow]no plots[/]: {escape(str(e))}")
         tmp = out / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, out / STATE_FILE)
         if not t.keep_checkpoints:
             shutil.rmtree(ckpt_io.checkpoint_root(out), ignore_errors=True)
-        say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {total} steps, "
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)  # its weights are the final model's
+        say(f"[green]wrote[/] {escape(str(out))} (stage {plan.stage}, {end} steps, "
             f"final loss {last.get('loss', float('nan')):.4f}"
-            + (f"; {late.total} record(s) skipped while decoding" if late.total else "") + ")")
+            + (f"; weights of the best evaluation: step {best['step']}, eval loss {best['eval_loss']:.4f}"
+               + (f", kept in {escape(str(out / BEST_DIR))}" if t.keep_checkpoints else "") if best else "")
+            + (f"; {late.total} record(s) skipped while decoding" if late.total else "") + ")"
+            + (f"; plots: {', '.join(summary.get('plots', []))}" if summary.get("plots") else ""))
     ctx.barrier()
-    return {"output_dir": str(out), "stage": plan.stage, "step": total, "final_loss": last.get("loss"),
-            "resumed": resumed, "skipped": False, "data": {**stats.to_dict(), **late.to_dict()}}
+    result = {"output_dir": str(out), "stage": plan.stage, "step": end, "final_loss": last.get("loss"),
+              "resumed": resumed, "skipped": False, "data": {**stats.to_dict(), **late.to_dict()}}
+    if best is not None:
+        result.update(best_eval={k: v for k, v in best.items() if k != "bad"}, stopped_early=stopped_early)
+    return result
 
 
 def _check_shared(ctx: parallel.Dist, out: Path, seen):

@@ -64,6 +64,10 @@ class DataSection:
     # .arrow); the layout of each record is detected
     train: list[str] = field(default_factory=list)
     format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
+    # an eval split: files in the same formats as train, or val_size records held out of train (a
+    # fraction < 1 or a count, the same records on every run of the recipe); evaluated every train.eval_steps
+    val: list[str] = field(default_factory=list)
+    val_size: float = 0.0
     # LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)
     dataset: list[str] = field(default_factory=list)
     dataset_dir: str = "data"
@@ -102,6 +106,12 @@ class TrainSection:
     save_total_limit: int = 2  # newest checkpoints kept while training
     keep_checkpoints: bool = False  # keep checkpoints/ after the final model is written
     logging_steps: int = 10
+    # with an eval split (data.val / data.val_size): evaluate every eval_steps optimizer steps (0: only at
+    # the end); stop after early_stopping_patience evaluations without improvement (0: never). With an eval
+    # split the final model holds the weights of the best evaluation.
+    eval_steps: int = 0
+    early_stopping_patience: int = 0
+    report_to: str = field(default="none", metadata=_choices("none", "tensorboard", "wandb"))
     save_dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
     # Under torchrun: ddp keeps a full copy of everything per process; fsdp shards base, adapters,
@@ -136,7 +146,7 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 
 # Fields that may differ between the run that wrote a checkpoint and the run that resumes it.
 RUN_CONTROL_FIELDS = {"train.save_steps", "train.save_total_limit", "train.keep_checkpoints", "train.logging_steps",
-                      "train.progress", "data.num_workers", "train.device"}
+                      "train.progress", "data.num_workers", "train.device", "train.report_to"}
 
 
 # -- schema machinery --------------------------------------------------------------------------------
@@ -348,7 +358,9 @@ def check(r: Recipe) -> Recipe:
             bad(f"{name} must be at least 1, got {value}")
     nonneg = {"train.max_steps": t.max_steps, "train.save_steps": t.save_steps, "train.warmup_steps": t.warmup_steps,
               "data.num_workers": d.num_workers, "train.weight_decay": t.weight_decay,
-              "train.max_grad_norm": t.max_grad_norm, "train.balance_loss_coef": t.balance_loss_coef}
+              "train.max_grad_norm": t.max_grad_norm, "train.balance_loss_coef": t.balance_loss_coef,
+              "train.eval_steps": t.eval_steps, "train.early_stopping_patience": t.early_stopping_patience,
+              "data.val_size": d.val_size}
     for name, value in nonneg.items():
         if value < 0:
             bad(f"{name} must be >= 0, got {value}")
@@ -364,6 +376,16 @@ def check(r: Recipe) -> Recipe:
             bad(f"data.{name} must be positive, got {v}")
     if d.min_pixels and d.max_pixels and d.min_pixels > d.max_pixels:
         bad(f"data.min_pixels ({d.min_pixels}) is larger than data.max_pixels ({d.max_pixels})")
+    if d.val and d.val_size:
+        bad("data.val and data.val_size both set: give eval files or a held-out share of data.train, not both")
+    if d.val_size >= 1 and not float(d.val_size).is_integer():
+        bad(f"data.val_size must be a fraction below 1 or a whole number of records, got {d.val_size}")
+    has_val = bool(d.val or d.val_size)
+    for name in ("eval_steps", "early_stopping_patience"):
+        if getattr(t, name) and not has_val:
+            bad(f"train.{name} needs an eval split: set data.val=FILE or data.val_size (e.g. 0.1)")
+    if t.early_stopping_patience and not t.eval_steps:
+        bad("train.early_stopping_patience counts evaluations: set train.eval_steps too")
     if a.dropout is not None and not 0 <= a.dropout < 1:
         bad(f"adapter.dropout must be in [0, 1), got {a.dropout}")
     return r
@@ -381,9 +403,10 @@ def require_paths(r: Recipe):
     if not r.data.train and not r.data.dataset:
         raise AwakerError("recipe: no training data: add data.train=PATH, or data.dataset=NAME with "
                           "data.dataset_dir=DIR (LLaMA-Factory's dataset_info.json)")
-    for f in r.data.train:
-        if not Path(f).exists():
-            raise AwakerError(f"recipe: data.train: {f}: no such file")
+    for name in ("train", "val"):
+        for f in getattr(r.data, name):
+            if not Path(f).exists():
+                raise AwakerError(f"recipe: data.{name}: {f}: no such file")
 
 
 def diff_fields(old: dict, new: dict, prefix: str = "") -> list[str]:
