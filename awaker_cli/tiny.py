@@ -79,10 +79,10 @@ def build_processor(min_pixels: int = 56 * 56, max_pixels: int = 112 * 112, toke
 
         scale = (16 / 14) ** 2  # the same number of merged tokens per image as the 14-pixel families
         norm = dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        image_processor = Qwen2VLImageProcessor(min_pixels=int(min_pixels * scale),
-                                                max_pixels=int(max_pixels * scale), **norm)
-        video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": int(min_pixels * scale),
-                                                      "longest_edge": int(max_pixels * scale)}, **norm)
+        image_processor = Qwen2VLImageProcessor(min_pixels=round(min_pixels * scale),
+                                                max_pixels=round(max_pixels * scale), **norm)
+        video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": round(min_pixels * scale),
+                                                      "longest_edge": round(max_pixels * scale)}, **norm)
     else:
         image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
         video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)

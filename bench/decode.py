@@ -1,14 +1,16 @@
 """Decode throughput of the generation engine (awaker_cli/generate) on a GPU.
 
-A Qwen2-VL-7B-shaped model with random bf16 weights (nothing to download), first dense, then with
+A 7B/8B-shaped model of one family (--family: Qwen2-VL-7B, Qwen2.5-VL-7B or Qwen3-VL-8B, shapes in
+bench/shapes.py) with random bf16 weights (nothing to download), first dense, then with
 awaker adapters attached (rank 256, 4 experts + global, release combine):
-  - batch 1 after a ~256-token prompt, and the same with a 448x448 image (+256 image tokens),
+  - batch 1 after a ~256-token prompt, and the same with a 448x448 image (512x512 for Qwen3-VL's 16-pixel patches: +256 image tokens),
   - batch 8 and 32 with mixed experts (every sequence and router pinned to a different expert),
 each reported as decode tokens/s (all sequences), time to first token, and the fraction of the
 batch-1 roofline (bytes one decode step must read / measured copy bandwidth).
 
     python bench/decode.py                 # the GPU benchmark (about 2 minutes on an H100)
-    python bench/decode.py --smoke         # the same harness on the tiny model, on the CPU (a check)
+    python bench/decode.py --family qwen3_vl   # Qwen3-VL-8B's shapes (default qwen2_vl)
+    python bench/decode.py --smoke         # the same harness on the family's tiny model, on the CPU (a check)
     python bench/decode.py --json out.json # also write the numbers
 
 Record results with device and date in bench/RESULTS.md (the H100 anchors: docs/design.md section 6).
@@ -28,9 +30,10 @@ import torch  # noqa: E402
 
 from awaker_cli.generate import Engine, SamplingParams  # noqa: E402
 from awaker_cli.model import AwakerConfig, Routing, adapter_state_dict, attach_adapters  # noqa: E402
+from awaker_cli.model.families import family_of_model  # noqa: E402
 from awaker_cli.tiny import build_processor, tiny_config  # noqa: E402
 
-from bench.shapes import build_model, quantize_decoder_linears, qwen2vl_7b_config  # noqa: E402
+from bench.shapes import SHAPES, build_model, quantize_decoder_linears, real_config  # noqa: E402
 
 IMAGE_SIDE = 448
 
@@ -39,6 +42,7 @@ IMAGE_SIDE = 448
 def add_adapters(model, processor, rank, experts):
     tok = processor.tokenizer
     cfg = AwakerConfig(num_experts=experts, rank=rank, alpha=2.0 * rank, dropout=0.0,
+                       family=family_of_model(model).name,
                        num_layers=model.config.get_text_config().num_hidden_layers,
                        span_token_ids={n: tok.convert_tokens_to_ids(f"<|{n}|>")
                                        for n in ("im_start", "im_end", "vision_start")})
@@ -163,6 +167,8 @@ def run_suite(engine, model, processor, args, image, label, bandwidth) -> list[d
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=list(SHAPES), default="qwen2_vl",
+                    help="the model family whose 7B/8B shapes (or, with --smoke, tiny model) to run")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks that the harness runs")
     ap.add_argument("--prompt-tokens", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
@@ -190,17 +196,20 @@ def main(argv=None):
     rank = args.rank or (8 if smoke else 256)
     dtype = torch.float32 if smoke else torch.bfloat16
 
-    processor = build_processor(min_pixels=56 * 56, max_pixels=(112 if smoke else IMAGE_SIDE) ** 2)
+    processor = build_processor(min_pixels=56 * 56, max_pixels=(112 if smoke else IMAGE_SIDE) ** 2,
+                                family=args.family)
     from PIL import Image
 
-    side = 56 if smoke else IMAGE_SIDE
+    # the same 256 image tokens (16 x 16 merged patches) for 14- and 16-pixel patches (Qwen3-VL)
+    side = (56 if smoke else IMAGE_SIDE) * processor.image_processor.patch_size // 14
     image = Image.new("RGB", (side, side), (180, 40, 40))
-    config = tiny_config(processor.tokenizer) if smoke else qwen2vl_7b_config(processor.tokenizer)
+    config = (tiny_config(processor.tokenizer, family=args.family) if smoke
+              else real_config(args.family, processor.tokenizer))
     t = time.perf_counter()
     model = build_model(config, device, dtype)
     if args.quantize != "none":
         quantize_decoder_linears(model, args.quantize, dtype)
-    print(f"built {'tiny' if smoke else '7B-shaped'} model{'' if args.quantize == 'none' else ' (' + args.quantize + ')'} "
+    print(f"built {'tiny ' + args.family if smoke else SHAPES[args.family].label + '-shaped'} model{'' if args.quantize == 'none' else ' (' + args.quantize + ')'} "
           f"in {time.perf_counter() - t:.1f} s on {device}", flush=True)
     bandwidth = copy_bandwidth(device)
     graphs = False if (args.no_graphs or smoke) else None
@@ -219,7 +228,7 @@ def main(argv=None):
     for r in rows:
         if r["model"] == "awaker" and r["case"] in dense:
             r["vs_dense"] = round(r["tokens_per_s"] / dense[r["case"]], 3)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    info = {"family": args.family, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "copy_TBps": round(bandwidth / 1e12, 3) if bandwidth == bandwidth else None,
             "quantize": args.quantize, "rank": rank, "experts": args.experts, "prompt_tokens": args.prompt_tokens,

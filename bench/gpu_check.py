@@ -13,7 +13,11 @@ a stage that would not fit in what is left of --budget-s is skipped (and says so
      token for token with its eager decode;
   3. kernels: bench/kernels.py (each kernel as a fraction of measured copy bandwidth);
   4. train: one stage-2 optimizer step of bench/train.py (tokens/s, peak memory);
-  5. nf4: bench/decode.py --quantize nf4 (needs bitsandbytes: wheels in .whl/ are installed first).
+  5. nf4: bench/decode.py --quantize nf4 (needs bitsandbytes: wheels in .whl/ are installed first);
+  6. families: a short run per other family at its real shapes (bench/shapes.py), each its own process:
+     bench/decode.py --family qwen2_5_vl / qwen3_vl (awaker only, batch 1 and 8 mixed, 64 new tokens)
+     and bench/kernels.py --family qwen3_vl --quick (Qwen2.5-VL's language model has Qwen2-VL's shapes,
+     already timed in stage 3). Last, so it only uses time the stages above leave.
 """
 from __future__ import annotations
 
@@ -190,20 +194,18 @@ def main(argv=None) -> dict:
     report.data["smoke"] = args.smoke
     new_tokens = args.new_tokens or (3 if args.smoke else 64)
     if args.smoke:  # the subprocess stages (tests, bench scripts) have their own CPU checks in the suite
-        for name in ("kernel_tests", "kernels", "train", "nf4"):
+        for name in ("kernel_tests", "kernels", "train", "nf4", "families"):
             report.data["stages"][name] = {"skipped": "smoke"}
         report.stage("decode", 0, lambda: decode(True, new_tokens))
         return report.data
     report.data["wheels"] = install_wheels()
     report.stage("kernel_tests", 120, kernel_tests)
     report.stage("decode", 150, lambda: decode(False, new_tokens))
-    kjson = out_dir / "kernels.json" if out_dir else None
+    kjson = out_dir / "kernels.json" if out_dir else Path("/tmp/kernels.json")
 
-    def kernels():
-        r = run([sys.executable, "-m", "bench.kernels", "--json"], min(150, report.left() - 60))
-        if kjson and r.get("rc") == 0:
-            kjson.write_text(r["stdout_tail"])
-        return r
+    def kernels():  # the JSON goes to a file: stdout_tail keeps only the table's end
+        return {**run([sys.executable, "-m", "bench.kernels", "--json", str(kjson)], min(150, report.left() - 60)),
+                "json": str(kjson)}
 
     report.stage("kernels", 90, kernels)
     train_json = str(out_dir / "train.json") if out_dir else "/tmp/train.json"
@@ -222,6 +224,26 @@ def main(argv=None) -> dict:
                 "json": nf4_json}
 
     report.stage("nf4", 60, nf4)
+
+    def families():
+        out = {}
+        for family in ("qwen2_5_vl", "qwen3_vl"):
+            if report.left() < 50:
+                out[f"decode-{family}"] = {"skipped": f"{report.left():.0f} s left"}
+                continue
+            path = str(out_dir / f"decode-{family}.json") if out_dir else f"/tmp/decode-{family}.json"
+            out[f"decode-{family}"] = {**run([sys.executable, "-m", "bench.decode", "--family", family, "--no-dense",
+                                              "--batches", "1,8", "--new-tokens", "64", "--repeats", "1",
+                                              "--json", path], min(120, report.left() - 5)), "json": path}
+        if report.left() >= 40:
+            path = str(out_dir / "kernels-qwen3_vl.json") if out_dir else "/tmp/kernels-qwen3_vl.json"
+            out["kernels-qwen3_vl"] = {**run([sys.executable, "-m", "bench.kernels", "--family", "qwen3_vl", "--quick",
+                                              "--json", path], min(90, report.left() - 5)), "json": path}
+        else:
+            out["kernels-qwen3_vl"] = {"skipped": f"{report.left():.0f} s left"}
+        return out
+
+    report.stage("families", 50, families)
     report.data["total_s"] = round(time.perf_counter() - report.t0, 1)
     report.save()
     return report.data

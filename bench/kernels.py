@@ -1,9 +1,13 @@
-"""Benchmark of the Triton kernels (LoRA-MoE linear, routing) at the Awaker2.5-VL 7B shapes.
+"""Benchmark of the Triton kernels (LoRA-MoE linear, routing) at a family's 7B/8B shapes.
 
 Notes
 -----
 Run from the repo root:
-  python bench/kernels.py [--json]     on a GPU (H100): the full table, goals, optional JSON at the end
+  python bench/kernels.py [--json [FILE]]   on a GPU (H100): the full table, goals, optional JSON (stdout or FILE)
+  python bench/kernels.py --family qwen3_vl   Qwen3-VL-8B's shapes (default qwen2_vl: Qwen2-VL-7B;
+                                       qwen2_5_vl: Qwen2.5-VL-7B, the same language-model shapes;
+                                       all in bench/shapes.py)
+  python bench/kernels.py --quick      decode (1 and 8 sequences) only: a short run per family
   python bench/kernels.py --smoke      on the CPU (TRITON_INTERPRET=1, tiny shapes): checks it runs
   python bench/kernels.py --compile-check [--smoke]
                                        no GPU needed: compiles every kernel launch of the 7B shapes
@@ -11,7 +15,8 @@ Run from the repo root:
                                        compile errors that the interpreter does not see)
 
 What is measured (triton.testing.do_bench, median, µs):
-- LoRA-MoE linears o 3584->3584, gate/up 3584->18944, down 18944->3584, rank 256, 4 experts + global,
+- LoRA-MoE linears o, gate/up and down (Qwen2-VL-7B: 3584->3584, 3584->18944, 18944->3584; Qwen3-VL-8B:
+  4096->4096, 4096->12288, 12288->4096), rank 256, 4 experts + global,
   release weights (p^2 and 1-p), decode (1 token) for 1, 2, 4, 8, 32, 128 sequences and prefill
   1x2048 and 8x512 tokens, with 1, 2 and 4 distinct experts in the batch (sequence b -> expert
   b % n). Columns: ours = the LoRA-MoE part alone (plan from make_plans, delta added in place);
@@ -21,7 +26,8 @@ What is measured (triton.testing.do_bench, median, µs):
   the experts; it syncs, so no graph). x = speed-up of ours (eager) over ref / disp.
   BW = essential bytes (weights of the experts in use + base weight for `full`, activations once)
   / graph time, as a fraction of the measured device copy bandwidth; TF = TFLOP/s of `full`.
-- routing: all 56 routers (E=4, H=3584) from a 1k-token span, span mean included.
+- routing: all routers (2 per layer: 56 for the 7B models, 72 for Qwen3-VL-8B; E=4) from a 1k-token span,
+  span mean included.
 - a host-synchronisation check of one decode call (torch.cuda.set_sync_debug_mode("error")).
 
 Goals (printed with PASS/FAIL): 1 sequence base + LoRA-MoE linear >= 85% of copy bandwidth;
@@ -40,6 +46,11 @@ import time
 
 SMOKE = "--smoke" in sys.argv
 COMPILE_CHECK = "--compile-check" in sys.argv
+QUICK = "--quick" in sys.argv and not COMPILE_CHECK
+# the shapes are module constants (as SMOKE is): read --family before main() parses everything
+_pre = argparse.ArgumentParser(add_help=False)
+_pre.add_argument("--family", default="qwen2_vl")
+FAMILY = _pre.parse_known_args()[0].family
 if COMPILE_CHECK:
     os.environ["TRITON_INTERPRET"] = "0"  # real JIT functions, compiled ahead of time below
 elif SMOKE:
@@ -58,15 +69,23 @@ from awaker_cli.kernels import routing_triton as rtt  # noqa: E402
 from awaker_cli.kernels.lora_moe_ref import lora_moe_ref  # noqa: E402
 from awaker_cli.kernels.plan import make_plans  # noqa: E402
 from awaker_cli.kernels.routing_ref import routing_ref  # noqa: E402
+from bench.shapes import SHAPES  # noqa: E402
 
-if SMOKE:
-    LINEARS = {"o": (40, 40), "up": (40, 72), "down": (72, 40)}
+if FAMILY not in SHAPES:
+    sys.exit(f"--family must be one of {', '.join(SHAPES)}, got {FAMILY!r}")
+SHAPE = SHAPES[FAMILY]
+if SMOKE:  # the family's widths / 64 (Qwen2-VL's 56 and 296 are no multiple of a block: masks run too)
+    LINEARS = {k: (a // 64, b // 64) for k, (a, b) in SHAPE.linears.items()}
     RANK, DECODE, PREFILL = 8, (1, 3), ((1, 16), (2, 8))
-    ROUTERS, HIDDEN, SPAN = 3, 64, 16
+    ROUTERS, HIDDEN, SPAN = 3, SHAPE.hidden // 64, 16
+    HEADS = (4, 2, 16)  # attention heads, KV heads, head size of the decode-step kernels
 else:
-    LINEARS = {"o": (3584, 3584), "gate/up": (3584, 18944), "down": (18944, 3584)}
+    LINEARS = SHAPE.linears
     RANK, DECODE, PREFILL = 256, (1, 2, 4, 8, 32, 128), ((1, 2048), (8, 512))
-    ROUTERS, HIDDEN, SPAN = 56, 3584, 1024
+    ROUTERS, HIDDEN, SPAN = SHAPE.routers, SHAPE.hidden, 1024
+    HEADS = (SHAPE.heads, SHAPE.kv_heads, SHAPE.head_dim)
+if QUICK:
+    DECODE, PREFILL = DECODE if SMOKE else (1, 8), ()
 EXPERTS, SCALING, DTYPE = 4, 2.0, torch.bfloat16
 DEVICE = "cpu" if SMOKE or COMPILE_CHECK else "cuda"
 
@@ -323,7 +342,7 @@ def compile_decode_step_kernels(dtype):
     benchmark's decode batch sizes; called inside compile_check with the kernels replaced by Catch."""
     m = lambda *s, dt=dtype: torch.zeros(*s, device="meta", dtype=dt)  # noqa: E731
     d_in, inter = LINEARS["o"][0], LINEARS["down"][0]
-    heads, kv_heads, dim = (4, 2, 16) if SMOKE else (28, 4, 128)
+    heads, kv_heads, dim = HEADS
     for nseq in (DECODE[0], DECODE[-1]):
         for delta in (m(nseq, 1, HIDDEN), None):
             nt.add_rmsnorm_triton(m(nseq, 1, HIDDEN), delta, m(HIDDEN), 1e-6)
@@ -343,16 +362,20 @@ def compile_decode_step_kernels(dtype):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", action="store_true", help="print all results as one JSON object at the end")
+    ap.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                    help="print all results as one JSON object at the end (or write it to FILE)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through the interpreter")
     ap.add_argument("--compile-check", action="store_true", help="compile for sm_90 only, no GPU needed")
+    ap.add_argument("--family", choices=list(SHAPES), default="qwen2_vl",
+                    help="whose 7B/8B shapes (Qwen2.5-VL's language model has Qwen2-VL's)")
+    ap.add_argument("--quick", action="store_true", help="decode only, 1 and 8 sequences (no prefill)")
     args = ap.parse_args()
     if args.compile_check:
         sys.exit(0 if compile_check() else 1)
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("no GPU: use --smoke (CPU interpreter) or --compile-check")
 
-    out = dict(device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)")
+    out = dict(family=FAMILY, shapes=SHAPE.label, device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (interpreter)")
     copy_bps = copy_bandwidth()
     out["copy_TBps"] = copy_bps / 1e12
     print(f"{out['device']}: copy bandwidth {copy_bps / 1e12:.2f} TB/s")
@@ -360,7 +383,7 @@ def main():
         out["no_host_sync"] = check_no_sync()
         print(f"no host sync in a decode call: {out['no_host_sync']}")
 
-    print(f"\nLoRA-MoE linear, rank {RANK}, {EXPERTS} experts + global, {DTYPE}; times in µs")
+    print(f"\n{SHAPE.label}{' (tiny)' if SMOKE else ''}: LoRA-MoE linear, rank {RANK}, {EXPERTS} experts + global, {DTYPE}; times in µs")
     head = (f"{'linear':8} {'seqs':>4} {'tok':>5} {'exp':>3} | {'ours':>8} {'graph':>8} {'BW':>5} | {'full':>8} "
             f"{'graph':>8} {'BW':>5} {'TF':>6} | {'ref':>8} {'x':>5} | {'disp':>8} {'x':>5} | err")
     print(head)
@@ -402,8 +425,11 @@ def main():
     bad = [r for r in rows if r["rel_err"] > 3e-2]
     if bad:
         print(f"\nWARNING: {len(bad)} configurations differ from the reference by > 3%")
-    if args.json:
+    if args.json == "-":
         print(json.dumps(out, default=float))
+    elif args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(out, default=float, indent=1) + "\n")
 
 
 if __name__ == "__main__":
