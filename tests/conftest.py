@@ -40,6 +40,12 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+def model_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory under its hub name, the base of an adapter-only one included."""
+    ckpt = Checkpoint(directory)
+    return {key: ckpt.get(key) for key in ckpt.tensors}
+
+
 def assert_base_copied(base_dir, out):
     """Every tensor of the base stands in `out` with the same dtype and the same bits."""
     base, moe = Checkpoint(base_dir), Checkpoint(out)

@@ -18,7 +18,7 @@ from awaker_cli.train.data import Encoder, read_records
 from awaker_cli.train.loop import train
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
-from .conftest import solid
+from .conftest import model_tensors, solid
 
 FAST = ["train.progress=false", "train.logging_steps=1", "train.warmup_steps=1", "train.scheduler=constant"]
 
@@ -128,7 +128,7 @@ def test_records_failing_when_decoded_are_skipped_and_counted(messy, tiny_base, 
 
 
 def routers(out):
-    return {k: v for k, v in load_file(str(out / "model.safetensors")).items() if "router" in k}
+    return {k: v for k, v in model_tensors(out).items() if "router" in k}
 
 
 def test_balance_loss_is_the_steps_at_any_micro_batch_size(small_images, data, tmp_path):

@@ -20,6 +20,8 @@ from awaker_cli.train import load_recipe
 from awaker_cli.train.loop import train
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
+from .conftest import model_tensors
+
 STEPS = 2
 
 
@@ -69,7 +71,7 @@ def test_data_parallel_matches_one_big_batch(tiny_base, data, big_batch, tmp_pat
     for m, r in zip(ours, ref):  # fp32 sums in a different order: equal to ~1e-6 relative
         assert m["loss"] == pytest.approx(r["loss"], rel=1e-6)
         assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5)
-    weights, expected = load_file(str(out / "model.safetensors")), load_file(str(big_batch / "model.safetensors"))
+    weights, expected = model_tensors(out), model_tensors(big_batch)
     base = load_file(str(tiny_base / "model.safetensors"))
     assert weights.keys() == expected.keys()
     moved = 0
@@ -108,10 +110,10 @@ def test_fsdp_killed_and_resumed_equals_uninterrupted(tiny_base, data, tmp_path)
     _torchrun(*_common(tiny_base, data, killed), *args, script=script)
     (ckpt,) = (killed / "checkpoints").iterdir()
     assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint.json", "rank-00000.pt", "rank-00001.pt", "state.pt"]
-    assert not (killed / "model.safetensors").exists()
+    assert not (killed / "model.safetensors").exists() and not (killed / "awaker_adapters.safetensors").exists()
     proc = _torchrun(*_common(tiny_base, data, killed), *args)
     assert "resuming" in proc.stderr
-    a, b = load_file(str(whole / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    a, b = model_tensors(whole), model_tensors(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _metrics(killed) == [{**m, "time": n["time"], "tokens_per_s": n["tokens_per_s"]}
                                 for m, n in zip(_metrics(whole), _metrics(killed))]

@@ -19,7 +19,7 @@ from awaker_cli.train.loop import train
 from awaker_cli.train.stages import build_stage_model, plan_stage, trainable_parameters
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
-from .conftest import chat_inputs, solid
+from .conftest import chat_inputs, model_tensors, solid
 
 FAST = ["train.progress=false", "train.logging_steps=1", "train.warmup_steps=1", "train.scheduler=constant"]
 
@@ -34,7 +34,7 @@ def losses(out):
 
 
 def tensors(out):
-    return load_file(str(out / "model.safetensors"))
+    return model_tensors(out)
 
 
 def went_down(values):
@@ -168,7 +168,7 @@ def test_killed_and_resumed_equals_uninterrupted(stage1, data, tmp_path):
     with pytest.raises(Killed):
         train(recipe, after_step=kill_after_3, quiet=True)
     assert [p.name for p in (killed / "checkpoints").iterdir() if not p.name.startswith(".")] == ["step-00000002"]
-    assert not (killed / "model.safetensors").exists()
+    assert not (killed / "model.safetensors").exists() and not (killed / "awaker_adapters.safetensors").exists()
     state = torch.load(killed / "checkpoints" / "step-00000002" / "state.pt", weights_only=True)
     assert {"adapters", "optimizer", "scheduler", "rng", "data"} <= set(state) and state["data"]["step"] == 2
     # the same command resumes from step 2; loader workers (a run-control field) encode the same batches

@@ -17,6 +17,8 @@ from awaker_cli.train import load_recipe
 from awaker_cli.train.loop import train
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
+from .conftest import model_tensors
+
 FAST = ["train.progress=false", "train.logging_steps=1", "train.warmup_steps=1", "train.scheduler=constant",
         "train.batch_size=4", "train.grad_accum=1", "train.lr=1e-2", "adapter.dropout=0"]
 
@@ -130,7 +132,7 @@ def test_early_stopping_stops_and_keeps_the_best(tiny_base, data, tmp_path, lr, 
     assert state["step"] == stop and state["total_steps"] == 10 and state["stopped_early"] is True
     assert summary["stopped_early"] and summary["best_eval"]["step"] == 1
     assert max(r["step"] for r in metrics(out)) == stop  # no step trained after the stop
-    final = load_file(str(out / "model.safetensors"))
+    final = model_tensors(out)
     best = load_file(str(out / "best" / "adapters.safetensors"))
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 1
     for key, value in best.items():
@@ -172,7 +174,7 @@ def test_killed_and_resumed_early_stopping_equals_uninterrupted(tiny_base, data,
         return [(r["step"], r["eval_loss"], r["best"]) for r in metrics(out) if "eval_loss" in r]
 
     assert evals(killed) == evals(full) and [s for s, _, _ in evals(full)] == [1, 2, 3]
-    a, b = load_file(str(full / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    a, b = model_tensors(full), model_tensors(killed)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not (killed / "best").exists() and not (killed / "checkpoints").exists()

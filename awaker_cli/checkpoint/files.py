@@ -167,6 +167,11 @@ def write_model_card(directory: Path, title: str, lines: list[str], *, source: P
                f"(`{cls}.from_pretrained`) loads only the base model from this directory: "
                "its base tensors keep the hub names, and the adapters and routers are awaker's, which "
                "transformers skips. To get one dense model for other tools, bake a routing in with `awaker merge`.")
+        if (directory / "awaker_base.json").is_file():
+            how = ("Load it with awaker (`awaker info`, `awaker chat`, `awaker serve`). This directory holds the "
+                   "adapters and routers only; awaker_base.json records the base model they were trained on "
+                   "(path, hub id, a hash of its tensors), which awaker finds and verifies. Plain transformers "
+                   "cannot load it: `awaker export` or `awaker merge` writes a complete model.")
     else:
         how = "A plain dense model: transformers (and any tool that reads its format) loads it as it is."
     body = "\n".join(f"- {line}" for line in lines)

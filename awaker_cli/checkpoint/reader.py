@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import AwakerError
-from .keys import to_hub
+from .keys import is_adapter_key, to_hub
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -123,14 +123,50 @@ class Checkpoint:
     """A checkpoint directory. Tensors are addressed by their hub key whatever layout the files use."""
 
     def __init__(self, path_or_id: str | Path):
+        from . import base_ref
+
         self.path = resolve_path(str(path_or_id))
         self.config = read_config(self.path)
-        self.files = self._weight_files()
+        # an adapter-only directory (checkpoint/base_ref.py): its own file holds the adapters, the base
+        # tensors come from the verified base it records
+        self.base: Checkpoint | None = None
+        self.base_record: dict | None = None
+        if base_ref.is_adapter_only(self.path):
+            self.base_record = base_ref.read_base_record(self.path)
+            self.base = base_ref.open_base(self.path, self.base_record)
+            self.weight_map, self.files = None, [self._own_file(base_ref.ADAPTERS_FILE)]
+        else:
+            self.files = self._weight_files()
         self.tensors: dict[str, TensorInfo] = {}
         for file in self.files:
             for name, info in read_header(file).items():
                 self.tensors[to_hub(name)] = info
         self._check_index()
+        if self.base is not None:
+            stray = [k for k in self.tensors if not is_adapter_key(k)]
+            if stray:
+                raise AwakerError(f"{self.files[0]}: holds base tensors ({stray[0]}, ...); an adapter-only "
+                                  "directory holds adapters and routers only")
+            self.tensors = {**self.base.base_tensors(), **self.tensors}
+
+    @property
+    def weights_path(self) -> Path:
+        """The directory that holds the base weights (transformers loads the base from there)."""
+        return self.base.path if self.base is not None else self.path
+
+    @property
+    def input_paths(self) -> list[Path]:
+        """Every directory this checkpoint reads: an output may replace none of them."""
+        return [self.path] + ([self.base.path] if self.base is not None else [])
+
+    def base_tensors(self) -> dict[str, TensorInfo]:
+        return {k: v for k, v in self.tensors.items() if not is_adapter_key(k)}
+
+    def _own_file(self, name: str) -> Path:
+        file = self.path / name
+        if not file.is_file():
+            raise AwakerError(f"{self.path}: adapter-only model without its {name}")
+        return file
 
     def _weight_files(self) -> list[Path]:
         index = self.path / INDEX_NAME
@@ -195,7 +231,8 @@ class Checkpoint:
     # -- tensors --------------------------------------------------------------------------------------
     def ordered_keys(self) -> list[str]:
         """Hub keys in on-disk order (file by file, by offset): the fastest order to stream them."""
-        order = {f: i for i, f in enumerate(self.files)}
+        files = (self.base.files if self.base is not None else []) + self.files
+        order = {f: i for i, f in enumerate(files)}
         return sorted(self.tensors, key=lambda k: (order[self.tensors[k].file], self.tensors[k].offset))
 
     def get(self, key: str) -> torch.Tensor:

@@ -138,9 +138,9 @@ def _write_shard(path: Path, entries: list[Entry], progress: Callable[[int], Non
                 progress(e.nbytes)
 
 
-def _shard_names(count: int) -> list[str]:
+def _shard_names(count: int, single_name: str = SINGLE_NAME) -> list[str]:
     if count == 1:
-        return [SINGLE_NAME]
+        return [single_name]
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
@@ -155,10 +155,11 @@ def _write_index(directory: Path, shards: list[list[Entry]], names: list[str]):
 
 def write_checkpoint(directory: Path, entries: Iterable[Entry], max_shard_size: int = DEFAULT_SHARD_SIZE,
                      progress: Callable[[int], None] | None = None,
-                     key_map: Callable[[str], str] | None = None) -> list[str]:
+                     key_map: Callable[[str], str] | None = None, single_name: str = SINGLE_NAME) -> list[str]:
     """Write `entries` in order into shards of at most max_shard_size bytes (a bigger tensor gets a
     shard of its own) plus the index; returns the shard file names. key_map: canonical key -> the name
-    written (a model family's hub layout, model/families.py)."""
+    written (a model family's hub layout, model/families.py); single_name: the file's name when one
+    shard holds everything."""
     shards: list[list[Entry]] = [[]]
     size, seen = 0, set()
     for e in entries:
@@ -172,7 +173,7 @@ def write_checkpoint(directory: Path, entries: Iterable[Entry], max_shard_size: 
             size = 0
         shards[-1].append(e)
         size += e.nbytes
-    names = _shard_names(len(shards))
+    names = _shard_names(len(shards), single_name)
     for name, group in zip(names, shards):
         _write_shard(Path(directory) / name, group, progress)
     _write_index(Path(directory), shards, names)

@@ -37,6 +37,9 @@ def info(
             table.add_row("routers", f"{w['routers']} ({', '.join(owners)} per layer), span rule {w['routing_span']}")
         else:
             table.add_row("experts", f"none (plain LoRA of rank {w['rank']}, alpha {w['alpha']:g}; no routers)")
+    if "base" in d:
+        table.add_row("base", f"adapters only; base {d['base']['path']} (verified: tensor hash "
+                              f"{d['base']['tensors_sha256'][:12]}…)")
     table.add_row("dtypes", ", ".join(f"{k} ({v} tensors)" for k, v in d["dtypes"].items()))
     table.add_row("size on disk", f"{d['size_on_disk']:,} bytes in {len(d['shards'])} shard(s)")
     table.add_row("files", ", ".join(d["processor_files"]))

@@ -20,6 +20,10 @@ def train(
                                       help="A shipped recipe (stage1, stage2, stage3, tiny-stage1, ...) or a YAML file."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary at the end."),
+    full: bool = typer.Option(False, "--full",
+                              help="Write a complete model (a copy of the base beside the adapters). Default: "
+                                   "adapters only, with a record of the base that every command finds and "
+                                   "verifies."),
 ):
     """Train one stage from a recipe; re-run the same command to resume from the last checkpoint.
 
@@ -38,7 +42,7 @@ def train(
         return
     from ..train import train as run_training
 
-    summary = run_training(resolved)
+    summary = run_training(resolved, full=full)
     if json_out:
         print_json(summary)
 

@@ -40,6 +40,9 @@ def upcycle(
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is an earlier awaker output."),
+    adapter_only: bool = typer.Option(False, "--adapter-only",
+                                      help="Write the adapters and routers alone, with a record of BASE (its path, "
+                                           "hub id and a hash of its tensors) instead of a copy of it."),
     yes: bool = typer.Option(False, "--yes", help=f"Write even a plan with more than {MAX_EXPERTS} experts or "
                                                   "adapters larger than the base."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -62,14 +65,14 @@ def upcycle(
         summary = plan.summary()
         return print_json(summary) if json_out else _print_plan(summary)
     check_output_dir(out, force, inputs=[plan.base.path])  # fail before any work, not after the bar starts
-    total = plan.base_bytes + plan.adapter_bytes
+    total = (0 if adapter_only else plan.base_bytes) + plan.adapter_bytes
     if not yes and (experts > MAX_EXPERTS or plan.adapter_bytes > plan.base_bytes):
         raise AwakerError(f"this plan adds {plan.adapter_params:,} parameters ({plan.adapter_bytes / 1e9:.2f} GB) with "
                           f"{experts} experts to a {plan.base_bytes / 1e9:.2f} GB base; check it with --dry-run and "
                           "pass --yes if it is what you want")
     check_free_space(out.parent, total, "the upcycled model")
     with progress_bar("upcycle", total, enabled=not json_out) as advance:
-        result = run_upcycle(plan, out, force=force, seed=seed, progress=advance)
+        result = run_upcycle(plan, out, force=force, seed=seed, progress=advance, adapter_only=adapter_only)
     if json_out:
         return print_json(result)
     stderr.print(f"[green]wrote[/] {escape(str(out))} ({result['shards']} shard(s), "

@@ -211,7 +211,7 @@ def load_base(path: str | Path | Checkpoint, dtype: torch.dtype | None = None, d
     # Checkpoint validates config, shards and headers with clear errors before transformers sees them.
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     _silence_transformers()
-    model = ckpt.family.load_class().from_pretrained(ckpt.path, dtype=dtype or "auto", device_map=device)
+    model = ckpt.family.load_class().from_pretrained(ckpt.weights_path, dtype=dtype or "auto", device_map=device)
     if "quantization_config" in ckpt.config:  # an `awaker export` (transformers needs accelerate for it)
         fix_bnb_model(model, dtype)
     return model.eval(), ckpt

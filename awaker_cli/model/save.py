@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, atomic_output_dir, copy_processor_files,
                           write_checkpoint, write_model_card)
-from ..checkpoint.keys import is_adapter_key
+from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, recorded_base, write_base_record
 from ..errors import AwakerError
 from .build import adapter_state_dict, base_state_dict
 from .config import AwakerConfig
@@ -39,7 +39,7 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
         # The base weights already hold the q/k/v deltas: saving them beside the LoRA would apply it twice.
         raise AwakerError("this model's q/k/v LoRA is merged into its base weights (inference only); "
                           "save the model before merging it")
-    with atomic_output_dir(out, force, inputs=[source]) as tmp:
+    with atomic_output_dir(out, force, inputs=[source, *recorded_base(source)]) as tmp:
         tensors = dict(base_state_dict(model))
         adapters = adapter_state_dict(model) if hasattr(model, "awaker_config") else {}
         for key, t in adapters.items():
@@ -59,18 +59,27 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
 def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[str, torch.Tensor],
                           config: AwakerConfig, *, force: bool = False, title: str = "awaker model",
                           card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE,
-                          adapter_dtype: torch.dtype | None = None) -> Path:
+                          adapter_dtype: torch.dtype | None = None, adapter_only: bool = False) -> Path:
     """Save a model whose base is `source`'s, unchanged (training freezes it): the base tensors are
-    copied byte for byte from source's files, the adapters and routers come from `adapters`."""
-    base_keys = [key for key in source.ordered_keys() if not is_adapter_key(key)]
-    entries = [Entry(key, source.tensors[key].dtype, source.tensors[key].shape, source=source.tensors[key])
-               for key in base_keys]
-    for key, t in adapters.items():
-        entries.append(Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t))
-    with atomic_output_dir(Path(out), force, inputs=[source.path]) as tmp:
-        write_checkpoint(tmp, entries, max_shard_size, key_map=source.family.disk_key)
+    copied byte for byte from source's files, the adapters and routers come from `adapters`.
+    adapter_only: write the adapters alone and a record of source's base instead (checkpoint/base_ref.py)."""
+    out = Path(out)
+    entries = [Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t) for key, t in adapters.items()]
+    if adapter_only:
+        record = base_record(source, out)  # hashes the base once, before the output exists
+    else:
+        base = source.base_tensors()
+        entries = [Entry(key, base[key].dtype, base[key].shape, source=base[key])
+                   for key in source.ordered_keys() if key in base] + entries
+    with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
+        if adapter_only:
+            write_checkpoint(tmp, entries, max_shard_size=1 << 62, key_map=source.family.disk_key,
+                             single_name=ADAPTERS_FILE)
+            write_base_record(tmp, record)
+        else:
+            write_checkpoint(tmp, entries, max_shard_size, key_map=source.family.disk_key)
         shutil.copy2(source.path / "config.json", tmp / "config.json")
         config.save(tmp)
         copy_processor_files(source.path, tmp)
         write_model_card(tmp, title, list(card), source=source.path)
-    return Path(out)
+    return out

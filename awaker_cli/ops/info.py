@@ -65,7 +65,17 @@ def describe(path: str | Path) -> dict:
             "routers": cfg.num_routers, "router_owners": cfg.router_owners,
             "routing_span": cfg.routing_span, "base_model": cfg.base_model, "family": cfg.family,
         }
+    if ckpt.base is not None:  # adapter-only: the base is found and verified by Checkpoint
+        info["base"] = {"path": str(ckpt.base.path), "recorded_path": ckpt.base_record["path"],
+                        "hub_id": ckpt.base_record.get("hub_id"), "verified": True,
+                        "tensors_sha256": ckpt.base_record["tensors_sha256"]}
     # What other tools get from this directory: transformers skips the awaker tensors (adapters, routers).
-    info["transformers_loads"] = ("only the base model (the adapters and routers are awaker's; awaker merge bakes "
-                                  "a routing into a dense model)" if cfg else "the whole model")
+    if ckpt.base is not None:
+        loads = "nothing: the weights here are adapters only (awaker export writes a complete model)"
+    elif cfg:
+        loads = ("only the base model (the adapters and routers are awaker's; awaker merge bakes a routing into a "
+                 "dense model)")
+    else:
+        loads = "the whole model"
+    info["transformers_loads"] = loads
     return info

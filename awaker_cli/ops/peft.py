@@ -51,7 +51,7 @@ def export_peft(source, out, *, force: bool = False, base_model: str | None = No
                           "with `awaker merge MODEL OUT --expert N`")
     if not cfg.lora_targets:
         raise AwakerError(f"{ckpt.path}: has no plain LoRA to export (lora_targets is empty)")
-    check_output_dir(out, force, inputs=[ckpt.path])
+    check_output_dir(out, force, inputs=ckpt.input_paths)
     lm_path = family(cfg.family).language_model_path
     base = base_model or cfg.base_model or str(ckpt.path)  # an awaker directory holds its whole base
     paths = [lm_module_path(i, p) for i in range(cfg.num_layers) for p in cfg.lora_targets]
@@ -69,7 +69,7 @@ def export_peft(source, out, *, force: bool = False, base_model: str | None = No
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
     }
-    with atomic_output_dir(out, force, inputs=[ckpt.path], what="peft adapter") as tmp:
+    with atomic_output_dir(out, force, inputs=ckpt.input_paths, what="peft adapter") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(
@@ -149,7 +149,7 @@ def import_peft(adapter, base, out, *, force: bool = False, bar=no_bar) -> dict:
     if missing_processor_files(ckpt.path):
         raise AwakerError(f"--base {ckpt.path}: missing processor/tokenizer files: "
                           f"{', '.join(missing_processor_files(ckpt.path))}")
-    check_output_dir(out, force, inputs=[ckpt.path, adapter])
+    check_output_dir(out, force, inputs=[*ckpt.input_paths, adapter])
     stored = _read_adapter_tensors(adapter)
     lora: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in stored.items():

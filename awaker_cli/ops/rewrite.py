@@ -51,7 +51,7 @@ def check_target(source: Checkpoint, out: str | Path, force: bool, data: str | P
     """Before any work: OUT may not be, contain or lie inside the source model or the data file (with
     --force that would destroy them), and replaces only an earlier awaker output; with `needed` (bytes),
     the free space is checked too."""
-    check_output_dir(out, force, inputs=[source.path, data])
+    check_output_dir(out, force, inputs=[*source.input_paths, data])
     if needed is not None:
         check_free_space(Path(out).expanduser().parent, needed, "the output")
 
@@ -105,7 +105,7 @@ def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[st
                  config_json: dict | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
     """Write a model directory atomically: the streamed tensors, config.json (the source's unless
     given), awaker_config.json (if any), the processor files and a model card."""
-    with atomic_output_dir(out, force, inputs=[source.path]) as tmp:
+    with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
         writer = ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key)
         for key, t in tensors:
             writer.add(key, t.detach().contiguous())

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import (Checkpoint, Entry, atomic_output_dir, check_output_dir, check_processor_files,
                           copy_processor_files, special_token_ids, write_checkpoint, write_model_card)
+from ..checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE, base_record, write_base_record
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, AwakerConfig
@@ -143,23 +144,33 @@ def _init_adapter(key: str, shape: tuple[int, ...], dtype: torch.dtype, gen: tor
 
 
 def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed: int = 0,
-                progress: Callable[[int], None] | None = None) -> dict:
-    """Write the upcycled model into `out` atomically. progress(n_bytes) is called per tensor."""
+                progress: Callable[[int], None] | None = None, adapter_only: bool = False) -> dict:
+    """Write the upcycled model into `out` atomically. progress(n_bytes) is called per tensor.
+    adapter_only: the adapters and routers alone, with a record of the base (checkpoint/base_ref.py)."""
     check_output_dir(Path(out), force, inputs=[plan.base.path])
     gen = torch.Generator().manual_seed(seed)
     base, hidden = plan.base, plan.base.hidden_size
-    entries = [Entry(key, base.tensors[key].dtype, base.tensors[key].shape, source=base.tensors[key])
-               for key in base.ordered_keys()]
+    entries = [] if adapter_only else [Entry(key, base.tensors[key].dtype, base.tensors[key].shape,
+                                             source=base.tensors[key]) for key in base.ordered_keys()]
+    record = base_record(base, Path(out)) if adapter_only else None
     entries += [Entry(key, plan.dtype, shape, make=functools.partial(_init_adapter, key, shape, plan.dtype, gen, hidden))
                 for key, shape in plan.adapters.items()]
     with atomic_output_dir(out, force, inputs=[base.path]) as tmp:
-        shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress, key_map=base.family.disk_key)
+        if adapter_only:
+            shards = write_checkpoint(tmp, entries, 1 << 62, progress, key_map=base.family.disk_key,
+                                      single_name=ADAPTERS_FILE)
+            write_base_record(tmp, record)
+            shards.append(BASE_FILE)
+        else:
+            shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress, key_map=base.family.disk_key)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
         plan.config.save(tmp)
         copied = copy_processor_files(base.path, tmp)
         cfg = plan.config
         write_model_card(tmp, "awaker LoRA-MoE model (freshly upcycled)", [
-            f"Made by `awaker upcycle` from `{cfg.base_model}` (base tensors copied bit for bit).",
+            f"Made by `awaker upcycle` from `{cfg.base_model}` "
+            + ("(adapters only: the base is read from there, verified by a hash of its tensors)." if adapter_only
+               else "(base tensors copied bit for bit)."),
             f"{cfg.num_experts} routed LoRA experts{' + 1 global expert' if cfg.global_expert else ''} of rank "
             f"{cfg.rank} (alpha {cfg.alpha:g}) on {', '.join(cfg.moe_targets)}; plain LoRA on "
             f"{', '.join(cfg.lora_targets) or 'nothing'}.",
@@ -168,5 +179,5 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
             "LoRA B is zero: this model computes exactly what its base computes until trained.",
         ], source=base.path, base_model=cfg.base_model)
     summary = plan.summary()
-    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]))
+    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]), adapter_only=adapter_only)
     return summary

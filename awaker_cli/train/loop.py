@@ -31,6 +31,7 @@ from rich.markup import escape
 
 from ..checkpoint import Checkpoint, check_not_an_input
 from ..checkpoint.outputs import output_lock
+from ..checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
 from ..model.families import family_of_model
@@ -332,7 +333,8 @@ def _publish_model(staged: Path, out: Path):
     """Move the files of a saved model into the output directory (replacing an older final model)."""
     new = {p.name for p in staged.iterdir()}
     for p in out.iterdir():
-        if p.is_file() and p.name not in new and (p.name.startswith("model") and p.suffix in (".safetensors", ".json")):
+        weights = p.name.startswith("model") and p.suffix in (".safetensors", ".json")
+        if p.is_file() and p.name not in new and (weights or p.name in (ADAPTERS_FILE, BASE_FILE)):
             p.unlink()
     for p in staged.iterdir():
         os.replace(p, out / p.name)
@@ -398,9 +400,11 @@ def token_loss_sum(net, model, batch: dict, device: torch.device, precision: str
                            reduction="sum")
 
 
-def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
+def train(recipe: Recipe, *, after_step=None, quiet: bool = False, full: bool = False) -> dict:
     """Run (or resume) the recipe's training. after_step(step, metrics) is called after every optimizer
     step and after that step's checkpoint is written (tests use it to stop a run as if killed).
+    full: the final model holds a copy of the base; by default it holds the adapters and a verified
+    record of the base (checkpoint/base_ref.py).
     Returns a summary: output directory, steps, final loss, data statistics."""
     require_paths(recipe)
     t, d = recipe.train, recipe.data
@@ -430,7 +434,7 @@ def train(recipe: Recipe, *, after_step=None, quiet: bool = False) -> dict:
         # one run per output_dir: the main process holds the lock (its other processes are the same run)
         with output_lock(out) if ctx.main else contextlib.nullcontext():
             try:
-                return _run(recipe, plan, records, val, stats, ctx, out, say, after_step, quiet)
+                return _run(recipe, plan, records, val, stats, ctx, out, say, after_step, quiet, full)
             except BaseException:
                 if ctx.main and created:
                     _remove_if_nothing_trained(out)
@@ -448,7 +452,8 @@ def _remove_if_nothing_trained(out: Path):
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet) -> dict:
+def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, after_step, quiet,
+         full: bool) -> dict:
     from transformers import AutoProcessor
 
     t, d = recipe.train, recipe.data
@@ -666,8 +671,8 @@ def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, 
     if route_counts is not None:
         route_counts = _all_sum_tensor(ctx, route_counts)
 
-    # the final model: a normal awaker directory, in the output directory itself. The base is frozen, so
-    # its tensors are copied byte for byte from the source's files; only the adapters come from memory.
+    # the final model: an awaker directory, in the output directory itself. The base is frozen: by default
+    # only a record of it is written (adapter-only), with --full its tensors are copied byte for byte.
     adapters = parallel.full_tensors(adapter_state_dict(model), keep=ctx.main)
     if ctx.main and best is not None and best["step"] != end:
         # with an eval split the model is the best evaluation's (the adapters saved then)
@@ -682,7 +687,7 @@ def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, 
             shutil.rmtree(staged)
         save_with_source_base(staged, source, adapters, plan.config, force=True,
                               title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, end, last),
-                              adapter_dtype=save_dtype)
+                              adapter_dtype=save_dtype, adapter_only=not full)
         record_image_settings(staged, d.min_pixels, d.max_pixels)
         del adapters
         _publish_model(staged, out)

@@ -1,0 +1,159 @@
+"""Adapter-only awaker directories: the adapters and routers alone, plus a record of the base they were
+trained on (where it is and a content hash of its tensors), so that a run does not copy 16 GB of frozen
+base weights into every stage.
+
+    awaker_adapters.safetensors   adapter and router tensors (hub names, as in a complete directory)
+    awaker_base.json              {"path", "relative", "hub_id", "tensors_sha256", ...}
+
+`Checkpoint` opens such a directory as if it were complete: it finds the base (the recorded path, the
+same path relative to the directory, then the hub id in the local cache), verifies it, and serves the
+base's tensors beside the adapters. The content hash covers every base tensor's hub name, dtype, shape
+and bytes, so a re-sharded copy or the other key layout of the same weights verifies; a re-hash (about
+as long as reading the base once) is only needed when the base's files are not exactly the recorded
+ones (same names, sizes and modification times).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..errors import AwakerError
+
+BASE_FILE = "awaker_base.json"
+ADAPTERS_FILE = "awaker_adapters.safetensors"
+FORMAT = 1
+_CHUNK = 16 << 20
+
+
+def is_adapter_only(directory: str | Path) -> bool:
+    return (Path(directory) / BASE_FILE).is_file()
+
+
+def _tensor_digest(info) -> bytes:
+    h = hashlib.sha256()
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        left = info.nbytes
+        while left:
+            chunk = f.read(min(left, _CHUNK))
+            if not chunk:
+                raise AwakerError(f"{info.file}: truncated while hashing {info.name!r}")
+            h.update(chunk)  # hashlib releases the GIL on large buffers: tensors hash in parallel
+            left -= len(chunk)
+    return h.digest()
+
+
+def tensors_sha256(tensors: dict) -> str:
+    """The content hash of a set of tensors {hub key: TensorInfo}: independent of sharding and key layout."""
+    keys = sorted(tensors)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda k: _tensor_digest(tensors[k]), keys))
+    h = hashlib.sha256()
+    for key, digest in zip(keys, digests):
+        info = tensors[key]
+        h.update(f"{key}\0{str(info.dtype).removeprefix('torch.')}\0{list(info.shape)}\0".encode())
+        h.update(digest)
+    return h.hexdigest()
+
+
+def _file_stats(files) -> dict[str, list[int]]:
+    out = {}
+    for f in files:
+        st = os.stat(f)  # follows the hub cache's symlinks to the blobs
+        out[Path(f).name] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def base_record(base, out: Path) -> dict:
+    """What an adapter-only directory written to `out` records about `base` (a Checkpoint whose base
+    tensors the adapters were trained on). A base that is itself adapter-only passes its record on."""
+    from .files import hub_id
+
+    if base.base is not None:
+        record = dict(base.base_record)
+    else:
+        path = base.path.resolve()
+        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path),
+                  "tensors_sha256": tensors_sha256(base.base_tensors()),
+                  "tensors": len(base.base_tensors()), "bytes": sum(i.nbytes for i in base.base_tensors().values()),
+                  "files": _file_stats(base.files)}
+    record["relative"] = os.path.relpath(record["path"], out.expanduser().resolve())
+    return record
+
+
+def write_base_record(directory: Path, record: dict) -> None:
+    tmp = directory / (BASE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, directory / BASE_FILE)
+
+
+def read_base_record(directory: Path) -> dict:
+    path = directory / BASE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or not record.get("path") or not record.get("tensors_sha256"):
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise AwakerError(f"{path}: not a valid base record (needs path and tensors_sha256)")
+    if record.get("format", FORMAT) > FORMAT:
+        raise AwakerError(f"{path}: written by a newer awaker (format {record['format']}); upgrade awaker")
+    return record
+
+
+def _candidates(directory: Path, record: dict) -> list[Path]:
+    from .reader import resolve_path
+
+    found = []
+    for p in (record["path"], directory / record["relative"] if record.get("relative") else None):
+        if p is not None and Path(p).is_dir():
+            found.append(Path(p).resolve())
+    if record.get("hub_id"):
+        try:
+            found.append(resolve_path(record["hub_id"]).resolve())
+        except AwakerError:
+            pass
+    return list(dict.fromkeys(found))
+
+
+def open_base(directory: Path, record: dict):
+    """The verified base Checkpoint of an adapter-only directory, or an AwakerError saying what is wrong."""
+    from .reader import Checkpoint
+
+    fix = "restore the original base there (the adapters were trained on exactly those weights)"
+    candidates = _candidates(directory, record)
+    if not candidates:
+        where = record["path"] + (f" (nor the hub id {record['hub_id']} in the local cache)" if record.get("hub_id") else "")
+        raise AwakerError(f"{directory}: its base model is gone: no directory {where}; {fix}")
+    changed = None
+    for path in candidates:
+        base = Checkpoint(path)
+        if base.base is not None:
+            raise AwakerError(f"{directory}: its base {path} is itself adapter-only; {fix}")
+        if verify(base, record):
+            return base
+        changed = path
+    raise AwakerError(f"{directory}: its base {changed} has changed since the adapters were made (the content hash "
+                      f"of its tensors differs from the one in {BASE_FILE}); {fix}")
+
+
+def verify(base, record: dict) -> bool:
+    """True when `base` holds exactly the recorded base tensors. Unchanged files (names, sizes and
+    modification times as recorded) are taken as they are; anything else is re-hashed."""
+    if str(base.path.resolve()) == record["path"] and _file_stats(base.files) == record.get("files"):
+        return True
+    return tensors_sha256(base.base_tensors()) == record["tensors_sha256"]
+
+
+def recorded_base(directory: str | Path) -> list[Path]:
+    """The base path an adapter-only directory records (empty for any other directory): an input that
+    no output may replace."""
+    directory = Path(directory)
+    if not is_adapter_only(directory):
+        return []
+    try:
+        return [Path(read_base_record(directory)["path"])]
+    except AwakerError:
+        return []

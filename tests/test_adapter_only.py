@@ -1,0 +1,125 @@
+"""Adapter-only outputs (the default of `awaker train`, `upcycle --adapter-only`): the directory holds the
+adapters and a record of the base, every command finds and verifies that base, and a moved or changed
+base is one clear error."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from awaker_cli.checkpoint import Checkpoint
+from awaker_cli.checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE
+from awaker_cli.cli import run
+from awaker_cli.model import load_model
+from awaker_cli.train.synthetic import write_synthetic_dataset
+
+from .conftest import chat_inputs, model_tensors, solid
+
+FAST = ["train.warmup_steps=1", "train.save_steps=0", "train.device=cpu", "train.batch_size=4",
+        "train.grad_accum=1", "train.epochs=2", "train.lr=1e-2"]
+
+
+@pytest.fixture()
+def base(tiny_base, tmp_path):
+    """A private copy of the tiny base: these tests move and change it."""
+    return shutil.copytree(tiny_base, tmp_path / "base")
+
+
+def upcycle(base, out, *extra):
+    assert run(["upcycle", str(base), str(out), "--rank", "4", "--seed", "3", *extra]) == 0
+    return out
+
+
+def test_upcycle_adapter_only_is_the_full_model_without_the_copy(base, tmp_path, capsys):
+    full = upcycle(base, tmp_path / "full")
+    light = upcycle(base, tmp_path / "light", "--adapter-only")
+    assert not (light / "model.safetensors").exists() and (light / ADAPTERS_FILE).is_file()
+    assert (light / ADAPTERS_FILE).stat().st_size * 5 < (full / "model.safetensors").stat().st_size
+    record = json.loads((light / BASE_FILE).read_text())
+    assert record["path"] == str(base.resolve()) and record["relative"] == "../base"
+    # every tensor, base included, reads the same as in the complete directory
+    a, b = model_tensors(full), model_tensors(light)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert run(["info", str(light), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["base"]["verified"] and info["base"]["path"] == str(base.resolve())
+    assert info["transformers_loads"].startswith("nothing")
+    assert "adapters and routers only" in (light / "README.md").read_text()
+
+
+def test_train_writes_adapters_only_by_default_and_full_on_request(base, tmp_path):
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    s1, s1_full, s2 = tmp_path / "s1", tmp_path / "s1-full", tmp_path / "s2"
+    common = [f"data.train={data}", *FAST]
+    assert run(["train", "tiny-stage1", f"model={base}", f"output_dir={s1}", *common]) == 0
+    assert run(["train", "tiny-stage1", f"model={base}", f"output_dir={s1_full}", *common, "--full"]) == 0
+    assert (s1 / BASE_FILE).is_file() and not (s1 / "model.safetensors").exists()
+    assert (s1_full / "model.safetensors").is_file() and not (s1_full / BASE_FILE).exists()
+    # same training, same model: the two forms hold the same tensors (base bit-identical)
+    a, b = model_tensors(s1), model_tensors(s1_full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # stage 2 from an adapter-only stage 1 records the same dense base (not the stage-1 directory)
+    assert run(["train", "tiny-stage2", f"init_from={s1}", f"output_dir={s2}", *common]) == 0
+    assert json.loads((s2 / BASE_FILE).read_text())["path"] == str(base.resolve())
+    # ... and is the model a complete run gives: same tensors, same logits
+    s2_full = tmp_path / "s2-full"
+    assert run(["train", "tiny-stage2", f"init_from={s1_full}", f"output_dir={s2_full}", *common, "--full"]) == 0
+    a, b = model_tensors(s2), model_tensors(s2_full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoProcessor
+
+    inputs = chat_inputs(AutoProcessor.from_pretrained(s2), ["what colour is it ?"], [solid("red")])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(s2)(**inputs).logits, load_model(s2_full)(**inputs).logits,
+                                   rtol=0, atol=0)
+    # an export is always complete
+    assert run(["export", str(s2), str(tmp_path / "s2-nf4")]) == 0
+    assert (tmp_path / "s2-nf4" / "model.safetensors").is_file() and not (tmp_path / "s2-nf4" / BASE_FILE).exists()
+
+
+def test_moved_base_is_one_clear_error_and_moving_both_keeps_working(base, tmp_path, capsys):
+    light = upcycle(base, tmp_path / "light", "--adapter-only")
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(str(base), moved / "base")
+    capsys.readouterr()
+    assert run(["info", str(light)]) == 2
+    err = capsys.readouterr().err
+    assert "its base model is gone" in err and str(base.resolve()) in err and "Traceback" not in err
+    # the base and the model moved together: found through the recorded relative path, and re-verified
+    shutil.move(str(light), moved / "light")
+    assert run(["info", str(moved / "light")]) == 0
+    assert Checkpoint(moved / "light").base.path == (moved / "base").resolve()
+
+
+def test_changed_base_is_refused_touched_base_verifies(base, tmp_path, capsys):
+    light = upcycle(base, tmp_path / "light", "--adapter-only")
+    os.utime(base / "model.safetensors", ns=(1, 1))  # same bytes, new time: re-hashed and accepted
+    assert Checkpoint(light).base is not None
+    tensors = load_file(str(base / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 1
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run(["chat", str(light), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "has changed since the adapters were made" in err and "Traceback" not in err
+
+
+def test_force_never_replaces_the_base_of_an_adapter_only_input(tiny_base, tmp_path, capsys):
+    # the base is itself an awaker output (a complete upcycle), so --force alone would allow replacing it
+    moe = upcycle(tiny_base, tmp_path / "moe")
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    s3 = tmp_path / "s3"
+    assert run(["train", "tiny-stage3", f"init_from={moe}", f"output_dir={s3}", f"data.train={data}", *FAST]) == 0
+    assert json.loads((s3 / BASE_FILE).read_text())["path"] == str(moe.resolve())
+    capsys.readouterr()
+    assert run(["prune", str(s3), str(moe), "--rank", "2", "--force"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert (moe / "model.safetensors").is_file()
