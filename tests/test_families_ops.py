@@ -112,12 +112,13 @@ def test_stats_and_prune_on_family(fam, family_moes, tiny_records, tmp_path, cap
         assert torch.isfinite(pruned(**batch).logits).all()
 
 
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
 @pytest.mark.parametrize("fam", NEW_FAMILIES)
 @torch.no_grad()
-def test_nf4_export_loads_and_answers_on_family(fam, family_moes, tmp_path, capsys):
+def test_4bit_export_loads_and_answers_on_family(fam, quant, family_moes, tmp_path, capsys):
     src = family_moes[fam]
-    out = tmp_path / "nf4"
-    r = cli_json(capsys, "export", src, out, "--quantize", "nf4")
+    out = tmp_path / quant
+    r = cli_json(capsys, "export", src, out, "--quantize", quant)
     assert r["quantized_modules"] == 2 * 7
     ckpt = Checkpoint(out)
     # only language-model linears are quantized: no vision tensor is packed (Qwen2.5-VL's vision MLPs
@@ -149,3 +150,28 @@ def test_baked_int8_export_loads_in_plain_transformers(fam, family_moes, tmp_pat
     got, want = plain(**batch).logits.float(), reference(**batch).logits
     assert torch.isfinite(got).all()
     assert (got - want).norm() / want.norm() < 0.1  # int8 and bf16 rounding only (about 5% at tiny widths)
+
+
+@pytest.mark.parametrize("fam", NEW_FAMILIES)
+def test_chat_and_eval_on_family(fam, family_moes, tiny_records, tmp_path, capsys):
+    """`awaker chat` answers as the engine does (routes included); `awaker eval` gives the same greedy
+    answers batched with mixed routes as one record at a time."""
+    from awaker_cli.generate import SamplingParams, load_engine
+
+    src, image = family_moes[fam], tmp_path / "red.png"
+    solid((200, 30, 30)).save(image)
+    out = cli_json(capsys, "chat", src, "-p", PROMPTS[0], "--image", image, "--max-new-tokens", "4", "--device", "cpu")
+    message = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPTS[0]}]}
+    want = load_engine(str(src)).generate([[message]], SamplingParams(max_new_tokens=4))[0]
+    assert out["tokens"] == want.tokens and out["text"] == want.text
+    reported = [[e["experts"] for e in g["per_layer"]] for g in out["routing"]["groups"]]
+    assert torch.equal(torch.tensor(reported), want.routing.expert_ids[0].view(-1, len(reported), 1).transpose(0, 1))
+    rows = {}
+    for batch in (1, 4):
+        preds = tmp_path / f"p{batch}.jsonl"
+        result = cli_json(capsys, "eval", src, "--data", tiny_records, "--max-new-tokens", "3", "--batch-size", batch,
+                          "--predictions", preds)
+        assert result["kind"] == "awaker" and result["routing"]["histogram"]
+        rows[batch] = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [(r["prediction"], r["experts"]) for r in rows[1]] == [(r["prediction"], r["experts"]) for r in rows[4]]
+    assert len({tuple(r["experts"]) for r in rows[4]}) > 1  # the batch really mixed routes

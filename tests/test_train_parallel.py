@@ -84,6 +84,27 @@ def test_data_parallel_matches_one_big_batch(tiny_base, data, big_batch, tmp_pat
     assert moved == 14  # training moved every LoRA B (2 layers × 7 linears)
 
 
+@pytest.mark.parametrize("mode, batch, accum", [("ddp", 2, 1), ("fsdp", 1, 2)])
+def test_data_parallel_on_qwen3_vl(family_bases, data, tmp_path, mode, batch, accum):
+    """The same on Qwen3-VL (q/k norm, DeepStack, its own key layout): 2 processes give one process's
+    update, the base stays bit for bit."""
+    base_dir = family_bases["qwen3_vl", "hub"]
+    one, out = tmp_path / "one", tmp_path / mode
+    train(load_recipe("tiny-stage1", _common(base_dir, data, one) + ["adapter.dropout=0", "train.batch_size=4",
+                                                                     "train.grad_accum=1"]), quiet=True)
+    _torchrun(*_common(base_dir, data, out), "adapter.dropout=0", f"train.parallel={mode}",
+              f"train.batch_size={batch}", f"train.grad_accum={accum}")
+    for m, r in zip(_metrics(out), _metrics(one), strict=True):
+        assert m["loss"] == pytest.approx(r["loss"], rel=1e-6)
+    weights, expected, base = model_tensors(out), model_tensors(one), model_tensors(base_dir)
+    assert weights.keys() == expected.keys()
+    for key, ref in expected.items():
+        if key in base:
+            assert torch.equal(weights[key], base[key]), key
+        else:
+            torch.testing.assert_close(weights[key], ref, atol=1e-6, rtol=1e-5, msg=f"{mode}: {key}")
+
+
 KILLABLE = textwrap.dedent("""
     import sys
     from awaker_cli.train import load_recipe
