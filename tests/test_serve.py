@@ -23,7 +23,7 @@ from awaker_cli.cli import run
 from awaker_cli.generate import SamplingParams, load_engine, routing_report
 from awaker_cli.serve import Job, Scheduler, create_app
 
-from .conftest import solid
+from .conftest import NEW_FAMILIES, solid
 
 N = 8  # max_tokens of the test requests
 M = 32  # of the concurrent ones: long enough that they overlap
@@ -320,3 +320,33 @@ def test_the_command_serves_and_stops_cleanly_on_a_signal(random_moe, sig):
     assert "Traceback" not in err, err
     assert proc.returncode == 0, (proc.returncode, err)
     assert f"serving {random_moe} on http://127.0.0.1:{port}/v1" in err and err.rstrip().endswith("stopped")
+
+
+@pytest.mark.parametrize("fam", NEW_FAMILIES)
+def test_new_families_served_in_one_batch_answer_as_alone(fam, family_moes):
+    """Qwen2.5-VL and Qwen3-VL (DeepStack at prefill, q/k norm) through the server: staggered clients
+    batched together get the answers and routes the engine gives each alone."""
+    engine = load_engine(str(family_moes[fam]), device="cpu")
+    asks = [(f"question {i} : what is here ?" + " more" * i, solid((30 * i, 200 - 20 * i, 90)) if i % 2 else None)
+            for i in range(6)]
+    wants = [alone(engine, text, image, n=M) for text, image in asks]
+    scheduler = Scheduler(load_engine(str(family_moes[fam]), device="cpu"), max_batch=8, max_context=512, max_queue=16)
+    scheduler.start()
+    try:
+        with running(scheduler) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+
+            def ask(i):
+                time.sleep(0.01 * i)
+                r = client.chat.completions.create(model="tiny", messages=api_messages(*asks[i]), max_tokens=M,
+                                                   temperature=0)
+                return r.choices[0].message.content, r.model_extra["awaker"]["routing"]
+
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(ask, range(6)))
+    finally:
+        scheduler.stop()
+    for (text, routing), want in zip(got, wants):
+        assert text == want.text
+        assert routing == routing_report(engine.model.awaker_config, want.routing)
+    assert scheduler.metrics["batch_rows_total"] > scheduler.metrics["decode_steps_total"]  # really batched
