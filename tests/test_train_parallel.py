@@ -20,7 +20,7 @@ from awaker_cli.train import load_recipe
 from awaker_cli.train.loop import train
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
-from .conftest import model_tensors
+from .conftest import NEW_FAMILIES, model_tensors
 
 STEPS = 2
 
@@ -85,10 +85,11 @@ def test_data_parallel_matches_one_big_batch(tiny_base, data, big_batch, tmp_pat
 
 
 @pytest.mark.parametrize("mode, batch, accum", [("ddp", 2, 1), ("fsdp", 1, 2)])
-def test_data_parallel_on_qwen3_vl(family_bases, data, tmp_path, mode, batch, accum):
-    """The same on Qwen3-VL (q/k norm, DeepStack, its own key layout): 2 processes give one process's
-    update, the base stays bit for bit."""
-    base_dir = family_bases["qwen3_vl", "hub"]
+@pytest.mark.parametrize("fam", NEW_FAMILIES)
+def test_data_parallel_on_new_families(fam, family_bases, data, tmp_path, mode, batch, accum):
+    """The same on Qwen2.5-VL and Qwen3-VL (q/k norm, DeepStack, its own key layout): 2 processes give
+    one process's update, the base stays bit for bit."""
+    base_dir = family_bases[fam, "hub"]
     one, out = tmp_path / "one", tmp_path / mode
     train(load_recipe("tiny-stage1", _common(base_dir, data, one) + ["adapter.dropout=0", "train.batch_size=4",
                                                                      "train.grad_accum=1"]), quiet=True)
@@ -96,13 +97,18 @@ def test_data_parallel_on_qwen3_vl(family_bases, data, tmp_path, mode, batch, ac
               f"train.batch_size={batch}", f"train.grad_accum={accum}")
     for m, r in zip(_metrics(out), _metrics(one), strict=True):
         assert m["loss"] == pytest.approx(r["loss"], rel=1e-6)
+        assert m["grad_norm"] == pytest.approx(r["grad_norm"], rel=1e-5)
     weights, expected, base = model_tensors(out), model_tensors(one), model_tensors(base_dir)
     assert weights.keys() == expected.keys()
     for key, ref in expected.items():
         if key in base:
             assert torch.equal(weights[key], base[key]), key
         else:
-            torch.testing.assert_close(weights[key], ref, atol=1e-6, rtol=1e-5, msg=f"{mode}: {key}")
+            # fp32 sums in another order. Adam's first steps move an entry by about lr·sign(gradient), so an
+            # entry whose gradient is ~0 (rounding noise) may go either way: allow a handful of those (seen
+            # on Qwen2.5-VL's tiny base), the losses and gradient norms above pin the update itself
+            off = (weights[key] - ref).abs() > 1e-5 + 1e-5 * ref.abs()
+            assert off.sum() <= 2, f"{mode}: {key}: {int(off.sum())} entries differ"
 
 
 KILLABLE = textwrap.dedent("""
