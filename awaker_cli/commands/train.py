@@ -24,6 +24,9 @@ def train(
                               help="Write a complete model (a copy of the base beside the adapters). Default: "
                                    "adapters only, with a record of the base that every command finds and "
                                    "verifies."),
+    recipe_schema: bool = typer.Option(False, "--recipe-schema",
+                                       help="Print the recipes' JSON schema (for editors: `awaker train "
+                                            "--recipe-schema > recipe.schema.json`) and exit."),
 ):
     """Train one stage from a recipe; re-run the same command to resume from the last checkpoint.
 
@@ -33,6 +36,10 @@ def train(
 
     Several GPUs (or CPU processes): torchrun --nproc-per-node N -m awaker_cli train --recipe ... with train.parallel=ddp (a full copy per GPU) or fsdp (model, gradients and optimizer sharded over the GPUs; the 7B recipes' choice).
     """
+    if recipe_schema:
+        from ..train.recipe import recipe_json_schema
+
+        return print_json(recipe_json_schema())
     from ..train import load_recipe
 
     recipe, overrides = recipe_and_overrides(recipe, args or [])

@@ -1,4 +1,4 @@
-"""Training recipes: a typed schema, YAML loading, `key=value` overrides and validation.
+"""Training recipes: a pydantic schema, YAML loading, `key=value` overrides and validation.
 
 A recipe is plain YAML with four top-level fields and three sections:
 
@@ -11,19 +11,19 @@ A recipe is plain YAML with four top-level fields and three sections:
     train: {...}     optimiser, schedule, precision, checkpoints (see TrainSection)
 
 Everything is checked here, before any weights load: unknown keys are errors that name the field and
-list the allowed ones, wrong types are errors that name the field and the expected type.
+list the allowed ones, wrong types are errors that name the field and the expected type (pydantic's
+errors, rewritten as one line by _message). `awaker train --recipe-schema` prints the JSON schema.
 Relative paths are relative to the working directory (as in LLaMA-Factory), not to the recipe file.
 """
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import AwakerError
 from ..model.config import COMBINE_MODES, LINEARS, SPAN_RULES
@@ -33,105 +33,184 @@ STAGE1_TARGETS = ALL_TARGETS
 DEFAULT_MOE_TARGETS = ["o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _choices(*values) -> dict:
-    return {"choices": values}
+def _listify(value):
+    # a single item where a list is expected (data.train=a.jsonl)
+    return [value] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
 
 
-@dataclass
-class AdapterSection:
+Files = Annotated[list[str], BeforeValidator(_listify)]
+Targets = Annotated[list[Literal[LINEARS]], BeforeValidator(_listify)]
+
+
+class _Section(BaseModel):
+    # lax pydantic (YAML 1.1 reads 1e-4 as a string: it becomes a number) but numbers may name files
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_only_as_booleans(cls, value, info):
+        # lax pydantic reads `epochs: true` as 1 and `progress: 1` as true: slips in a recipe, not intent
+        wants_bool = _unwrap(cls.model_fields[info.field_name].annotation) is bool
+        if value is not None and isinstance(value, bool) != wants_bool:
+            raise ValueError("a boolean where none belongs, or a non-boolean where one does")
+        return value
+
+
+class AdapterSection(_Section):
     """LoRA / LoRA-MoE settings. A field left null is inherited (stages 2, 3: from `init_from`) or
     takes the stage's default. Stage 2 converts the stage-I LoRA: its rank and alpha carry over."""
 
     rank: int | None = None
+    """LoRA rank r (stage 1; later stages keep the stage-1 rank)"""
     alpha: float | None = None
-    dropout: float | None = None
-    # stage 1 only: the linears that get the plain LoRA (default: all seven)
-    lora_targets: list[str] | None = None
-    # stage 2: the linears that become LoRA-MoE (default o/gate/up/down); the rest stay plain LoRA
-    moe_targets: list[str] | None = None
+    """LoRA alpha: the update is scaled by alpha / rank"""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """dropout on the LoRA / expert inputs while training"""
+    lora_targets: Targets | None = None
+    """stage 1 only: the linears that get the plain LoRA (default: all seven)"""
+    moe_targets: Targets | None = None
+    """stage 2: the linears that become LoRA-MoE (default o/gate/up/down); the rest stay plain LoRA"""
     num_experts: int | None = None
+    """routed LoRA experts per MoE linear (stage 2)"""
     top_k: int | None = None
+    """experts each sequence is routed to"""
     global_expert: bool | None = None
-    combine: str | None = field(default=None, metadata=_choices(*COMBINE_MODES))
+    """one always-on global expert beside the routed ones"""
+    combine: Literal[COMBINE_MODES] | None = None
+    """convex: p·expert + (1−p)·global (starts where stage 1 ended); release: p²·expert + (1−p)·global"""
     router_noise_std: float | None = None
+    """noise added to the router logits while training"""
     router_temperature: float | None = None
-    routing_span: str | None = field(default=None, metadata=_choices(*SPAN_RULES))
+    """softmax temperature of the router"""
+    routing_span: Literal[SPAN_RULES] | None = None
+    """the tokens the router reads: prompt, prompt-text (without image tokens) or all"""
 
 
-@dataclass
-class DataSection:
-    # JSON (an array of records) or JSONL files, Hugging Face datasets (a save_to_disk folder, .parquet,
-    # .arrow); the layout of each record is detected
-    train: list[str] = field(default_factory=list)
-    format: str = field(default="auto", metadata=_choices("auto", "messages", "conversations", "alpaca"))
-    # an eval split: files in the same formats as train, or val_size records held out of train (a
-    # fraction < 1 or a count, the same records on every run of the recipe); evaluated every train.eval_steps
-    val: list[str] = field(default_factory=list)
-    val_size: float = 0.0
-    # LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)
-    dataset: list[str] = field(default_factory=list)
+class DataSection(_Section):
+    """Training (and eval) data and its processing."""
+
+    train: Files = []
+    """JSON (an array of records) or JSONL files, Hugging Face datasets (a save_to_disk folder, .parquet,
+    .arrow); the layout of each record is detected"""
+    format: Literal["auto", "messages", "conversations", "alpaca"] = "auto"
+    """the record layout (auto: detected per record)"""
+    val: Files = []
+    """eval files, in the same formats as train (evaluated every train.eval_steps)"""
+    val_size: float = Field(0.0, ge=0)
+    """records held out of train for eval instead of val: a fraction < 1 or a count (the same records on
+    every run of the recipe)"""
+    dataset: Files = []
+    """LLaMA-Factory's registry: entries of dataset_dir/dataset_info.json (comma-separated names)"""
     dataset_dir: str = "data"
-    # image paths are relative to this directory if set, else to each data file's directory (registry
-    # datasets: to dataset_dir)
+    """the folder holding dataset_info.json"""
     image_root: str | None = None
-    min_pixels: int | None = None  # null: the processor's own
-    max_pixels: int | None = None
-    cutoff_len: int = 2048
+    """image paths are relative to this directory if set, else to each data file's directory (registry
+    datasets: to dataset_dir)"""
+    min_pixels: int | None = Field(None, gt=0)
+    """the processor's smallest image size in pixels (null: the processor's own)"""
+    max_pixels: int | None = Field(None, gt=0)
+    """the processor's largest image size in pixels (null: the processor's own)"""
+    cutoff_len: int = Field(2048, ge=1)
+    """tokens per sample at most"""
     skip_bad_records: bool = False
+    """skip (and count) records that cannot be read instead of stopping"""
     shuffle: bool = True
-    num_workers: int = 0
+    """shuffle the records every epoch"""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes"""
 
 
-@dataclass
-class TrainSection:
+class TrainSection(_Section):
+    """Optimiser, schedule, precision, evaluation and checkpoints."""
+
     seed: int = 42
-    epochs: int = 1
-    max_steps: int = 0  # > 0: stop after this many optimizer steps (the schedule spans them)
-    batch_size: int = 1  # per process, per micro-batch
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0
-    scheduler: str = field(default="cosine", metadata=_choices("cosine", "linear", "constant"))
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    weight_decay: float = 0.0
+    """the run's random seed"""
+    epochs: int = Field(1, ge=1)
+    """passes over the training data (unless max_steps is set)"""
+    max_steps: int = Field(0, ge=0)
+    """> 0: stop after this many optimizer steps (the schedule spans them)"""
+    batch_size: int = Field(1, ge=1)
+    """samples per process, per micro-batch"""
+    grad_accum: int = Field(1, ge=1)
+    """micro-batches per optimizer step"""
+    lr: float = Field(1e-4, gt=0)
+    """peak learning rate"""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """the schedule ends at lr * min_lr_ratio"""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """the learning-rate curve after the warmup"""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """share of the steps spent warming up"""
+    warmup_steps: int = Field(0, ge=0)
+    """> 0 overrides warmup_ratio"""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay"""
     adam_beta1: float = 0.9
+    """AdamW beta1"""
     adam_beta2: float = 0.999
+    """AdamW beta2"""
     adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0: no clipping
-    precision: str = field(default="bf16", metadata=_choices("bf16", "fp32"))
+    """AdamW epsilon"""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """gradient clipping norm (0: no clipping)"""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16: bf16 base and autocast, fp32 adapters"""
     gradient_checkpointing: bool = True
-    balance_loss_coef: float = 0.0
-    save_steps: int = 500  # 0: no intermediate checkpoints
-    save_total_limit: int = 2  # newest checkpoints kept while training
-    keep_checkpoints: bool = False  # keep checkpoints/ after the final model is written
-    logging_steps: int = 10
-    # with an eval split (data.val / data.val_size): evaluate every eval_steps optimizer steps (0: only at
-    # the end); stop after early_stopping_patience evaluations without improvement (0: never). With an eval
-    # split the final model holds the weights of the best evaluation.
-    eval_steps: int = 0
-    early_stopping_patience: int = 0
-    report_to: str = field(default="none", metadata=_choices("none", "tensorboard", "wandb"))
-    save_dtype: str = field(default="auto", metadata=_choices("auto", "float32", "bfloat16", "float16"))
-    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
-    # Under torchrun: ddp keeps a full copy of everything per process; fsdp shards base, adapters,
-    # gradients and optimizer states over the processes (the 7B stage-2 state does not fit one GPU twice).
-    parallel: str = field(default="ddp", metadata=_choices("ddp", "fsdp"))
+    """recompute activations in the backward pass: less memory, more compute"""
+    balance_loss_coef: float = Field(0.0, ge=0)
+    """weight of the routers' load-balancing loss (stage 2 only)"""
+    save_steps: int = Field(500, ge=0)
+    """optimizer steps between checkpoints (0: no intermediate checkpoints)"""
+    save_total_limit: int = Field(2, ge=1)
+    """newest checkpoints kept while training"""
+    keep_checkpoints: bool = False
+    """keep checkpoints/ after the final model is written"""
+    logging_steps: int = Field(10, ge=1)
+    """optimizer steps between log lines and metrics.jsonl records"""
+    eval_steps: int = Field(0, ge=0)
+    """with an eval split (data.val / data.val_size): evaluate every eval_steps optimizer steps (0: only at
+    the end); the final model then holds the weights of the best evaluation"""
+    early_stopping_patience: int = Field(0, ge=0)
+    """stop after this many evaluations without improvement (0: never)"""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """also log the metrics to TensorBoard or Weights & Biases"""
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the saved model (auto: the base's)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda if there is a GPU, else cpu"""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """under torchrun: ddp keeps a full copy of everything per process; fsdp shards base, adapters,
+    gradients and optimizer states over the processes (the 7B stage-2 state does not fit one GPU twice)"""
     progress: bool = True
+    """show a progress bar"""
 
 
-@dataclass
-class Recipe:
-    stage: int = field(default=1, metadata=_choices(1, 2, 3))
+class Recipe(_Section):
+    """An awaker training recipe (`awaker train RECIPE`): one stage of the LoRA-MoE training."""
+
+    stage: Literal[1, 2, 3] = 1
+    """1: plain LoRA on a dense model; 2: LoRA-MoE from the stage-1 output; 3: routers frozen"""
     model: str | None = None
+    """stage 1: the dense Qwen2-VL directory"""
     init_from: str | None = None
+    """stages 2 and 3: the previous stage's output directory"""
     output_dir: str | None = None
-    adapter: AdapterSection = field(default_factory=AdapterSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    """where checkpoints, metrics.jsonl, recipe.yaml and the final model go"""
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @field_validator("adapter", "data", "train", mode="before")
+    @classmethod
+    def _empty_section(cls, value):
+        return {} if value is None else value  # `adapter:` with every field commented out
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self):
+        return check(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_yaml(self) -> str:
         return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
@@ -149,103 +228,77 @@ RUN_CONTROL_FIELDS = {"train.save_steps", "train.save_total_limit", "train.keep_
                       "train.progress", "data.num_workers", "train.device", "train.report_to"}
 
 
-# -- schema machinery --------------------------------------------------------------------------------
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def recipe_json_schema() -> dict:
+    """The recipe's JSON schema, for editors (yaml-language-server) and other tools."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
 
 
-def _type_name(tp) -> str:
+# -- pydantic's errors as one line -------------------------------------------------------------------
+def _unwrap(tp):
+    """The type inside `X | None` and Annotated[X, ...]."""
+    while typing.get_origin(tp) in (Annotated, typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _expected(tp) -> str:
+    tp = _unwrap(tp)
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in inner) + " (or null)"
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    if origin is Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(tp)))
+    elif origin is list:
+        item = _unwrap(typing.get_args(tp)[0])
+        text = "a list of strings" if item is str else f"a list, each {_expected(item)}"
+    elif isinstance(tp, type) and issubclass(tp, BaseModel):
+        text = "a mapping of fields"
+    else:
+        text = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return text
 
 
-def _coerce(value, tp, where: str):
-    """value (from YAML) -> tp, or an AwakerError naming the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            return tp()
-        if not isinstance(value, dict):
-            raise AwakerError(f"recipe: {where} must be a mapping of fields, got {value!r}")
-        return _build(tp, value, where + ".")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # a single item where a list is expected
-        if not isinstance(value, list):
-            raise AwakerError(f"recipe: {where} must be {_type_name(tp)}, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    bad = AwakerError(f"recipe: {where} must be {_type_name(tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise TypeError(f"unsupported recipe type {tp}")
+def _bounds(field) -> str:
+    b = {k: getattr(m, k) for m in field.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    if "lt" in b or "le" in b:
+        return f"in [{b['ge']}, {b['lt']})" if "lt" in b else f"in [{b['ge']}, {b['le']}]"
+    if "gt" in b:
+        return "positive"
+    return f"at least {b['ge']}" if b["ge"] else ">= 0"
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        where = f"in {prefix[:-1]}" if prefix else "at the top level"
-        raise AwakerError(f"recipe: unknown field {prefix}{unknown[0]} (allowed {where}: {', '.join(fields)})")
-    kwargs = {}
-    for name, value in data.items():
-        where = prefix + name
-        kwargs[name] = _coerce(value, hints[name], where)
-        choices = fields[name].metadata.get("choices")
-        if choices and kwargs[name] is not None and kwargs[name] not in choices:
-            raise AwakerError(f"recipe: {where} must be one of {', '.join(map(str, choices))}, "
-                              f"got {kwargs[name]!r}")
-    return cls(**kwargs)
+def _message(error: dict) -> str:
+    """One of pydantic's errors as the line a user sees: the dotted field, what it must be, what it got."""
+    loc, value = error["loc"], error["input"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    owner, tp, field = Recipe, Recipe, None
+    for i, part in enumerate(loc):
+        tp = _unwrap(tp)
+        if isinstance(part, int) and typing.get_origin(tp) is list:
+            tp, field = typing.get_args(tp)[0], None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            owner, field = tp, tp.model_fields.get(part)
+            if field is None:  # extra_forbidden
+                inside = "in " + ".".join(map(str, loc[:i])) if i else "at the top level"
+                where = ".".join(map(str, loc))
+                return f"recipe: unknown field {where} (allowed {inside}: {', '.join(owner.model_fields)})"
+            tp = field.annotation
+    if error["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal") and field:
+        return f"recipe: {where} must be {_bounds(field)}, got {value}"
+    return f"recipe: {where} must be {_expected(tp)}, got {value!r}"
 
 
 def _set_dotted(data: dict, key: str, value, cls=Recipe):
     parts = key.split(".")
     node, owner, prefix = data, cls, ""
     for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(owner)]
+        names = list(owner.model_fields)
         if part not in names:
             where = f"in {prefix[:-1]}" if prefix else "at the top level"
             raise AwakerError(f"override {key}: unknown field {prefix}{part} (allowed {where}: {', '.join(names)})")
-        tp = _hints(owner)[part]
+        tp = owner.model_fields[part].annotation
         if i == len(parts) - 1:
             node[part] = value
             return
-        if not dataclasses.is_dataclass(tp):
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
             raise AwakerError(f"override {key}: {prefix}{part} has no sub-fields")
         child = node.get(part)
         if child is None:
@@ -312,7 +365,10 @@ def read_yaml(path: Path) -> dict:
 
 
 def recipe_from_dict(data: dict) -> Recipe:
-    return check(_build(Recipe, data))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise AwakerError(_message(e.errors()[0])) from None
 
 
 def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
@@ -325,7 +381,8 @@ def load_recipe(name: str, overrides: list[str] = ()) -> Recipe:
 
 
 def check(r: Recipe) -> Recipe:
-    """Cross-field rules that need no file access (paths are checked when training starts)."""
+    """Cross-field rules that need no file access (paths are checked when training starts); the ranges of
+    single fields are in the schema (Field(ge=...)), pydantic checks them first."""
     def bad(msg):
         raise AwakerError(f"recipe: {msg}")
 
@@ -346,34 +403,6 @@ def check(r: Recipe) -> Recipe:
         if r.stage == 3:
             if t.balance_loss_coef:
                 bad("train.balance_loss_coef must be 0 in stage 3: the gates are frozen")
-    for name in ("lora_targets", "moe_targets"):
-        for target in getattr(a, name) or []:
-            if target not in ALL_TARGETS:
-                bad(f"adapter.{name}: unknown module {target!r} (choose from {', '.join(ALL_TARGETS)})")
-    positive = {"train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum, "train.epochs": t.epochs,
-                "data.cutoff_len": d.cutoff_len, "train.logging_steps": t.logging_steps,
-                "train.save_total_limit": t.save_total_limit}
-    for name, value in positive.items():
-        if value < 1:
-            bad(f"{name} must be at least 1, got {value}")
-    nonneg = {"train.max_steps": t.max_steps, "train.save_steps": t.save_steps, "train.warmup_steps": t.warmup_steps,
-              "data.num_workers": d.num_workers, "train.weight_decay": t.weight_decay,
-              "train.max_grad_norm": t.max_grad_norm, "train.balance_loss_coef": t.balance_loss_coef,
-              "train.eval_steps": t.eval_steps, "train.early_stopping_patience": t.early_stopping_patience,
-              "data.val_size": d.val_size}
-    for name, value in nonneg.items():
-        if value < 0:
-            bad(f"{name} must be >= 0, got {value}")
-    if t.lr <= 0:
-        bad(f"train.lr must be positive, got {t.lr}")
-    if not 0 <= t.warmup_ratio < 1:
-        bad(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        bad(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    for name in ("min_pixels", "max_pixels"):
-        v = getattr(d, name)
-        if v is not None and v < 1:
-            bad(f"data.{name} must be positive, got {v}")
     if d.min_pixels and d.max_pixels and d.min_pixels > d.max_pixels:
         bad(f"data.min_pixels ({d.min_pixels}) is larger than data.max_pixels ({d.max_pixels})")
     if d.val and d.val_size:
@@ -386,8 +415,6 @@ def check(r: Recipe) -> Recipe:
             bad(f"train.{name} needs an eval split: set data.val=FILE or data.val_size (e.g. 0.1)")
     if t.early_stopping_patience and not t.eval_steps:
         bad("train.early_stopping_patience counts evaluations: set train.eval_steps too")
-    if a.dropout is not None and not 0 <= a.dropout < 1:
-        bad(f"adapter.dropout must be in [0, 1), got {a.dropout}")
     return r
 
 
