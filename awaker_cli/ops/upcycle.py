@@ -160,7 +160,6 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
             shards = write_checkpoint(tmp, entries, 1 << 62, progress, key_map=base.family.disk_key,
                                       single_name=ADAPTERS_FILE)
             write_base_record(tmp, record)
-            shards.append(BASE_FILE)
         else:
             shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress, key_map=base.family.disk_key)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
@@ -179,5 +178,6 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
             "LoRA B is zero: this model computes exactly what its base computes until trained.",
         ], source=base.path, base_model=cfg.base_model)
     summary = plan.summary()
-    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied]), adapter_only=adapter_only)
+    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied, *([BASE_FILE] if adapter_only else [])]),
+                   adapter_only=adapter_only)
     return summary
