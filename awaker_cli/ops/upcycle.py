@@ -178,6 +178,6 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
             "LoRA B is zero: this model computes exactly what its base computes until trained.",
         ], source=base.path, base_model=cfg.base_model)
     summary = plan.summary()
-    summary.update(output=str(Path(out)), shards=len(shards), files=sorted([*shards, *copied, *([BASE_FILE] if adapter_only else [])]),
-                   adapter_only=adapter_only)
+    files = [*shards, *copied, *([BASE_FILE] if adapter_only else [])]
+    summary.update(output=str(Path(out)), shards=len(shards), files=sorted(files), adapter_only=adapter_only)
     return summary
