@@ -125,7 +125,9 @@ def open_base(directory: Path, record: dict):
     fix = "restore the original base there (the adapters were trained on exactly those weights)"
     candidates = _candidates(directory, record)
     if not candidates:
-        where = record["path"] + (f" (nor the hub id {record['hub_id']} in the local cache)" if record.get("hub_id") else "")
+        where = record["path"]
+        if record.get("hub_id"):
+            where += f" (nor the hub id {record['hub_id']} in the local cache)"
         raise AwakerError(f"{directory}: its base model is gone: no directory {where}; {fix}")
     changed = None
     for path in candidates:
