@@ -65,7 +65,8 @@ def test_train_writes_adapters_only_by_default_and_full_on_request(base, tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # stage 2 from an adapter-only stage 1 records the same dense base (not the stage-1 directory)
     assert run(["train", "tiny-stage2", f"init_from={s1}", f"output_dir={s2}", *common]) == 0
-    assert json.loads((s2 / BASE_FILE).read_text())["path"] == str(base.resolve())
+    record = json.loads((s2 / BASE_FILE).read_text())
+    assert record["path"] == str(base.resolve()) and record["relative"] == "../base"
     # ... and is the model a complete run gives: same tensors, same logits
     s2_full = tmp_path / "s2-full"
     assert run(["train", "tiny-stage2", f"init_from={s1_full}", f"output_dir={s2_full}", *common, "--full"]) == 0

@@ -59,14 +59,16 @@ def save_model(model, out: str | Path, source: str | Path, *, force: bool = Fals
 def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[str, torch.Tensor],
                           config: AwakerConfig, *, force: bool = False, title: str = "awaker model",
                           card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE,
-                          adapter_dtype: torch.dtype | None = None, adapter_only: bool = False) -> Path:
+                          adapter_dtype: torch.dtype | None = None, adapter_only: bool = False,
+                          final_dir: str | Path | None = None) -> Path:
     """Save a model whose base is `source`'s, unchanged (training freezes it): the base tensors are
     copied byte for byte from source's files, the adapters and routers come from `adapters`.
-    adapter_only: write the adapters alone and a record of source's base instead (checkpoint/base_ref.py)."""
+    adapter_only: write the adapters alone and a record of source's base instead (checkpoint/base_ref.py);
+    final_dir: where the files will end up when `out` is only a staging place (the record's relative path)."""
     out = Path(out)
     entries = [Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t) for key, t in adapters.items()]
     if adapter_only:
-        record = base_record(source, out)  # hashes the base once, before the output exists
+        record = base_record(source, Path(final_dir or out))  # hashes the base once, before the output exists
     else:
         base = source.base_tensors()
         entries = [Entry(key, base[key].dtype, base[key].shape, source=base[key])

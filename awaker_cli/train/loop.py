@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from rich.markup import escape
 
 from ..checkpoint import Checkpoint, check_not_an_input
-from ..checkpoint.outputs import output_lock
 from ..checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE
+from ..checkpoint.outputs import output_lock
 from ..errors import AwakerError
 from ..model.build import adapter_state_dict
 from ..model.families import family_of_model
@@ -687,7 +687,7 @@ def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, 
             shutil.rmtree(staged)
         save_with_source_base(staged, source, adapters, plan.config, force=True,
                               title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, end, last),
-                              adapter_dtype=save_dtype, adapter_only=not full)
+                              adapter_dtype=save_dtype, adapter_only=not full, final_dir=out)
         record_image_settings(staged, d.min_pixels, d.max_pixels)
         del adapters
         _publish_model(staged, out)
