@@ -75,10 +75,9 @@ def base_record(base, out: Path) -> dict:
     if base.base is not None:
         record = dict(base.base_record)
     else:
-        path = base.path.resolve()
-        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path),
-                  "tensors_sha256": tensors_sha256(base.base_tensors()),
-                  "tensors": len(base.base_tensors()), "bytes": sum(i.nbytes for i in base.base_tensors().values()),
+        path, tensors = base.path.resolve(), base.base_tensors()
+        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path), "tensors_sha256": tensors_sha256(tensors),
+                  "tensors": len(tensors), "bytes": sum(i.nbytes for i in tensors.values()),
                   "files": _file_stats(base.files)}
     record["relative"] = os.path.relpath(record["path"], out.expanduser().resolve())
     return record
