@@ -108,6 +108,12 @@ def alone(engine, text, image=None, n=N, **kw):
     return engine.generate([engine_messages(text, image)], SamplingParams(max_new_tokens=n, **kw))[0]
 
 
+def slow_steps(monkeypatch, scheduler, seconds):
+    """Each decode step made `seconds` slower: answers overlap in time however loaded the machine is."""
+    step = scheduler._step
+    monkeypatch.setattr(scheduler, "_step", lambda: (time.sleep(seconds), step()))
+
+
 def test_plain_and_streamed_answers_with_an_image_equal_chat(server, client, random_moe, tmp_path, capsys):
     red = solid((220, 20, 20))
     red.save(tmp_path / "red.png")
@@ -152,8 +158,9 @@ def test_stop_strings_cut_the_answer(server, client, reference):
     assert r.choices[0].message.content == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
-def test_sixteen_staggered_clients_share_steps_and_answer_as_if_alone(server, client, reference):
+def test_sixteen_staggered_clients_share_steps_and_answer_as_if_alone(server, client, reference, monkeypatch):
     _, scheduler, _ = server
+    slow_steps(monkeypatch, scheduler, 0.005)
     colours = [(40 + 13 * i, 250 - 11 * i, (97 * i) % 256) for i in range(16)]
     asks = [(f"question {i} : what is {'shown' if i % 2 else 'here'} ?" + " more" * (i % 5),
              solid(colours[i]) if i % 3 else None) for i in range(16)]
@@ -275,10 +282,9 @@ def test_a_failing_step_is_a_500_and_the_server_goes_on(reference, monkeypatch):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, monkeypatch):
     base, scheduler, _ = server
-    # each decode step made 20 ms slower, so the 400-token answer (this prompt runs to max_tokens) takes
-    # 8 s or more: the client's disconnect must be what ends it, even on a loaded machine
-    step = scheduler._step
-    monkeypatch.setattr(scheduler, "_step", lambda: (time.sleep(0.02), step()))
+    # the 400-token answer (this prompt runs to max_tokens) takes 8 s or more: the client's disconnect must
+    # be what ends it, even on a loaded machine
+    slow_steps(monkeypatch, scheduler, 0.02)
     body = {"model": "tiny", "messages": [{"role": "user", "content": "tell a long story ."}], "max_tokens": 400,
             "temperature": 0, "stream": True}
     cancelled = scheduler.metrics["requests_cancelled"]
@@ -323,7 +329,7 @@ def test_the_command_serves_and_stops_cleanly_on_a_signal(random_moe, sig):
 
 
 @pytest.mark.parametrize("fam", NEW_FAMILIES)
-def test_new_families_served_in_one_batch_answer_as_alone(fam, family_moes):
+def test_new_families_served_in_one_batch_answer_as_alone(fam, family_moes, monkeypatch):
     """Qwen2.5-VL and Qwen3-VL (DeepStack at prefill, q/k norm) through the server: staggered clients
     batched together get the answers and routes the engine gives each alone."""
     engine = load_engine(str(family_moes[fam]), device="cpu")
@@ -331,6 +337,7 @@ def test_new_families_served_in_one_batch_answer_as_alone(fam, family_moes):
             for i in range(6)]
     wants = [alone(engine, text, image, n=M) for text, image in asks]
     scheduler = Scheduler(load_engine(str(family_moes[fam]), device="cpu"), max_batch=8, max_context=512, max_queue=16)
+    slow_steps(monkeypatch, scheduler, 0.005)
     scheduler.start()
     try:
         with running(scheduler) as base:
