@@ -2,6 +2,7 @@
 call the library. Bad input ends with one `error:` line and exit code 2; --debug shows the traceback."""
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 
@@ -69,6 +70,16 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Typer's rich help keeps a docstring's line breaks, and the terminal then wraps each line again
+    (half-empty lines): give every paragraph of every command's help as one line to wrap."""
+    for command in typer_app.registered_commands:
+        text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
+        command.help = "\n\n".join(" ".join(p.split("\n")) for p in text.split("\n\n"))
+    for group in typer_app.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this; `main` exits with it). Usage errors and bad
     input (AwakerError, a full disk, a read-only directory) end with one line and exit 2; Ctrl-C with
@@ -77,6 +88,8 @@ def run(argv: list[str] | None = None) -> int:
     _debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         from . import commands  # noqa: F401  (registers the commands on `app`; inside: Ctrl-C here too)
+
+        _reflow_help(app)
 
         _quiet_libraries()
         result = app(args=argv, standalone_mode=False, prog_name="awaker")

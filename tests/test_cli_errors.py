@@ -126,6 +126,13 @@ def test_help_for_every_command(capsys):
     assert "Turn a dense Qwen2-VL checkpoint" in out
 
 
+def test_help_paragraphs_flow_to_the_terminal_width(capsys, monkeypatch):
+    """A docstring's line breaks are not kept: each paragraph wraps at the terminal's width only."""
+    monkeypatch.setenv("COLUMNS", "200")
+    assert run(["upcycle", "--help"]) == 0
+    assert "get routed experts plus a global expert" in capsys.readouterr().out
+
+
 def test_corrupt_tokenizer_config(capsys, base_copy, tmp_path):
     (base_copy / "tokenizer_config.json").write_text("{ not json")
     expect_error(capsys, ["upcycle", str(base_copy), str(tmp_path / "out")], "tokenizer_config.json", "not valid JSON")
