@@ -15,6 +15,7 @@ from awaker_cli.checkpoint import Checkpoint
 from awaker_cli.checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE
 from awaker_cli.cli import run
 from awaker_cli.model import load_model
+from awaker_cli.tiny import build_tiny_base
 from awaker_cli.train.synthetic import write_synthetic_dataset
 
 from .conftest import chat_inputs, model_tensors, solid
@@ -124,3 +125,32 @@ def test_force_never_replaces_the_base_of_an_adapter_only_input(tiny_base, tmp_p
     assert run(["prune", str(s3), str(moe), "--rank", "2", "--force"]) == 2
     assert "is the input" in capsys.readouterr().err
     assert (moe / "model.safetensors").is_file()
+
+
+def test_relink_points_a_directory_at_a_verified_copy_of_its_base(base, tiny_bases, tmp_path, capsys):
+    light = upcycle(base, tmp_path / "light", "--adapter-only")
+    want = model_tensors(light)
+    copy = tiny_bases["v5-sharded"]  # the same weights in transformers 5's key layout, in several shards
+    shutil.rmtree(base)
+    capsys.readouterr()
+    assert run(["relink", str(light), str(copy), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["path"] == str(copy.resolve()) and json.loads((light / BASE_FILE).read_text()) == record
+    assert Checkpoint(light).base.path == copy.resolve()
+    got = model_tensors(light)
+    assert got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert run(["chat", str(light), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+
+
+def test_relink_refuses_other_weights_and_complete_directories(base, tmp_path, capsys):
+    light = upcycle(base, tmp_path / "light", "--adapter-only")
+    before = (light / BASE_FILE).read_text()
+    other = build_tiny_base(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    assert run(["relink", str(light), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "are not the ones" in err and "Traceback" not in err
+    assert (light / BASE_FILE).read_text() == before  # a refused relink changes nothing
+    full = upcycle(base, tmp_path / "full")
+    assert run(["relink", str(full), str(base)]) == 2
+    assert "not an adapter-only awaker directory" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,11 +47,19 @@ def _tensor_digest(info) -> bytes:
     return h.digest()
 
 
-def tensors_sha256(tensors: dict) -> str:
-    """The content hash of a set of tensors {hub key: TensorInfo}: independent of sharding and key layout."""
+def tensors_sha256(tensors: dict, progress: Callable[[int], None] | None = None) -> str:
+    """The content hash of a set of tensors {hub key: TensorInfo}: independent of sharding and key layout.
+    progress(n_bytes) is called as each tensor is hashed (from the hashing threads)."""
     keys = sorted(tensors)
+
+    def digest(key):
+        d = _tensor_digest(tensors[key])
+        if progress is not None:
+            progress(tensors[key].nbytes)
+        return d
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda k: _tensor_digest(tensors[k]), keys))
+        digests = list(pool.map(digest, keys))
     h = hashlib.sha256()
     for key, digest in zip(keys, digests):
         info = tensors[key]
@@ -121,7 +130,8 @@ def open_base(directory: Path, record: dict):
     """The verified base Checkpoint of an adapter-only directory, or an AwakerError saying what is wrong."""
     from .reader import Checkpoint
 
-    fix = "restore the original base there (the adapters were trained on exactly those weights)"
+    fix = ("restore the original base there (the adapters were trained on exactly those weights), or point the "
+           f"directory at a copy of it with `awaker relink {directory} BASE`")
     candidates = _candidates(directory, record)
     if not candidates:
         where = record["path"]
@@ -138,6 +148,31 @@ def open_base(directory: Path, record: dict):
         changed = path
     raise AwakerError(f"{directory}: its base {changed} has changed since the adapters were made (the content hash "
                       f"of its tensors differs from the one in {BASE_FILE}); {fix}")
+
+
+def relink(directory: str | Path, new_base: str | Path, progress: Callable[[int], None] | None = None) -> dict:
+    """Point an adapter-only directory at another copy of its base (moved, re-sharded, or in the other key
+    layout): the copy's tensors must hash to the recorded value. awaker_base.json is replaced atomically;
+    returns the new record. progress(n_bytes) follows the hashing."""
+    from .files import hub_id
+    from .reader import Checkpoint
+
+    directory = Path(directory)
+    if not is_adapter_only(directory):
+        raise AwakerError(f"{directory}: not an adapter-only awaker directory (it has no {BASE_FILE}); "
+                          "a complete directory holds its base and needs no relinking")
+    record = read_base_record(directory)
+    base = Checkpoint(new_base)
+    if base.base is not None:
+        raise AwakerError(f"{new_base}: is itself adapter-only; give the complete base model")
+    if tensors_sha256(base.base_tensors(), progress) != record["tensors_sha256"]:
+        raise AwakerError(f"{new_base}: its tensors are not the ones {directory} was trained on (their content hash "
+                          f"differs from the one in {BASE_FILE}); give a copy of the original base")
+    path = base.path.resolve()
+    new = {**record, "path": str(path), "hub_id": hub_id(path) or record.get("hub_id"),
+           "files": _file_stats(base.files), "relative": os.path.relpath(path, directory.resolve())}
+    write_base_record(directory, new)
+    return new
 
 
 def verify(base, record: dict) -> bool:
