@@ -229,8 +229,19 @@ RUN_CONTROL_FIELDS = {"train.save_steps", "train.save_total_limit", "train.keep_
 
 
 def recipe_json_schema() -> dict:
-    """The recipe's JSON schema, for editors (yaml-language-server) and other tools."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
+    """The recipe's JSON schema, for editors (yaml-language-server) and other tools. It accepts what
+    load_recipe accepts beyond the field types: an empty section (`adapter:`, null in YAML) and a single
+    item where a list is expected (`train: a.jsonl`)."""
+    schema = Recipe.model_json_schema()
+    for name in ("adapter", "data", "train"):
+        schema["$defs"][schema["properties"][name]["$ref"].rsplit("/", 1)[-1]]["type"] = ["object", "null"]
+    for section in schema["$defs"].values():
+        for prop in section["properties"].values():
+            if prop.get("type") == "array":  # a list field: its array becomes the first alternative
+                prop["anyOf"] = [{"type": prop.pop("type"), "items": prop.pop("items")}]
+            alternatives = prop.get("anyOf", [])
+            alternatives += [alt["items"] for alt in alternatives if alt.get("type") == "array"]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 # -- pydantic's errors as one line -------------------------------------------------------------------
