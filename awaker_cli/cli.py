@@ -75,7 +75,8 @@ def _reflow_help(typer_app: typer.Typer) -> None:
     (half-empty lines): give every paragraph of every command's help as one line to wrap."""
     for command in typer_app.registered_commands:
         text = inspect.cleandoc(command.help or command.callback.__doc__ or "")
-        command.help = "\n\n".join(" ".join(p.split("\n")) for p in text.split("\n\n"))
+        command.help = "\n\n".join(p if p.startswith("\b") else " ".join(p.split("\n"))  # \b: keep as laid out
+                                     for p in text.split("\n\n"))
     for group in typer_app.registered_groups:
         _reflow_help(group.typer_instance)
 

@@ -131,6 +131,10 @@ def test_help_paragraphs_flow_to_the_terminal_width(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     assert run(["upcycle", "--help"]) == 0
     assert "get routed experts plus a global expert" in capsys.readouterr().out
+    assert run(["merge", "--help"]) == 0  # a \b block (a table of examples) keeps its lines
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert any(line.startswith("awaker merge MODEL OUT --expert 2 --p 0.8") and line.endswith("global expert")
+               for line in lines)
 
 
 def test_corrupt_tokenizer_config(capsys, base_copy, tmp_path):
