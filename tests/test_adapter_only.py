@@ -127,6 +127,25 @@ def test_force_never_replaces_the_base_of_an_adapter_only_input(tiny_base, tmp_p
     assert (moe / "model.safetensors").is_file()
 
 
+def test_prune_and_merge_keep_an_adapter_only_input_adapter_only(random_moe, tmp_path):
+    """Pruning or merging experts leaves the base as it is: from an adapter-only model they write adapters
+    on the same base (the same tensors as with --full, which writes a complete directory)."""
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    s3 = tmp_path / "s3"
+    assert run(["train", "tiny-stage3", f"init_from={random_moe}", f"output_dir={s3}", f"data.train={data}",
+                *FAST]) == 0
+    for name, args in (("prune", ["prune", "--rank", "2"]), ("merge", ["merge", "--experts", "1,3"])):
+        light, full = tmp_path / f"{name}-light", tmp_path / f"{name}-full"
+        assert run([args[0], str(s3), str(light), *args[1:]]) == 0
+        assert run([args[0], str(s3), str(full), *args[1:], "--full"]) == 0
+        assert sorted(p.name for p in light.glob("*.safetensors")) == [ADAPTERS_FILE]
+        assert not (full / BASE_FILE).exists()
+        assert json.loads((light / BASE_FILE).read_text())["tensors_sha256"] == \
+            json.loads((s3 / BASE_FILE).read_text())["tensors_sha256"]
+        want, got = model_tensors(full), model_tensors(light)
+        assert got.keys() == want.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
 def test_relink_points_a_directory_at_a_verified_copy_of_its_base(base, tiny_bases, tmp_path, capsys):
     light = upcycle(base, tmp_path / "light", "--adapter-only")
     want = model_tensors(light)

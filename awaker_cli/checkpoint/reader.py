@@ -251,3 +251,8 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self.tensors.values())
+
+    @property
+    def adapter_bytes(self) -> int:
+        """Bytes of the adapter and router tensors alone."""
+        return self.total_bytes - sum(i.nbytes for i in self.base_tensors().values())

@@ -29,6 +29,9 @@ def merge(
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print what would be written."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    full: bool = typer.Option(False, "--full", help="With --experts from an adapter-only MODEL: write a complete "
+                                                    "directory instead of adapters on the same base (a fold or a "
+                                                    "bake is always complete)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Merge adapters into weights.
@@ -43,7 +46,7 @@ def merge(
     from ..ops.merge import merge as run_merge
 
     result = run_merge(model, out, expert=expert, p=p, data=data, experts=experts, keep_rank_sum=keep_rank_sum,
-                       batch_size=batch_size, limit=limit, force=force, dry_run=dry_run,
+                       batch_size=batch_size, limit=limit, force=force, dry_run=dry_run, full=full,
                        max_shard_size=parse_size(max_shard_size),
                        bar=functools.partial(progress_bar, enabled=not json_out))
     if json_out:

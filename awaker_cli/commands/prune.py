@@ -26,6 +26,8 @@ def prune(
     max_shard_size: str = typer.Option(DEFAULT_MAX_SHARD_SIZE, help="Largest shard, in bytes or e.g. 2GB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Measure and print what would be removed; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    full: bool = typer.Option(False, "--full", help="From an adapter-only MODEL: write a complete directory (a "
+                                                    "copy of the base too) instead of adapters on the same base."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Make a LoRA-MoE model smaller: remove experts the data rarely routes to (their adapter slots and
@@ -34,7 +36,7 @@ def prune(
     from ..ops.prune import prune as run_prune
 
     r = run_prune(model, out, data=data, min_share=min_share, keep=keep, rank=rank, batch_size=batch_size,
-                  limit=limit, force=force, dry_run=dry_run, max_shard_size=parse_size(max_shard_size),
+                  limit=limit, force=force, dry_run=dry_run, max_shard_size=parse_size(max_shard_size), full=full,
                   bar=functools.partial(progress_bar, enabled=not json_out))
     if json_out:
         return print_json(r)

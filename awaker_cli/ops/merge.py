@@ -182,10 +182,11 @@ def parse_experts(text: str, cfg: AwakerConfig) -> list[int]:
 
 
 def merge_experts(source, out, group: list[int], *, keep_rank_sum=False, span_means: torch.Tensor | None = None,
-                  force=False, dry_run=False, max_shard_size=DEFAULT_SHARD_SIZE, bar=no_bar) -> dict:
+                  force=False, dry_run=False, max_shard_size=DEFAULT_SHARD_SIZE, full=False, bar=no_bar) -> dict:
     """Merge the routed experts `group` into one (at the position of the smallest) in every MoE linear.
 
     span_means [N, H]: router inputs of a data file (ops.records.run_data) to calibrate the merged bias.
+    The base is unchanged, so an adapter-only source gives an adapter-only output, unless `full`.
     """
     ckpt, cfg = open_source(source, "merge")
     if not dry_run:
@@ -256,11 +257,13 @@ def merge_experts(source, out, group: list[int], *, keep_rank_sum=False, span_me
             f"{mapping[keep_first]} (mean of their products, {how}); {new_cfg.num_experts} routed experts remain.",
             "Router: merged gate row = mean of the rows, bias = mean + T·log n (first-order logsumexp)"
             + (", raised to keep every calibration record's choice." if span_means is not None else ".")]
-    with bar("merge", ckpt.total_bytes) as advance:
-        tensors = stream(ckpt, adapter=adapter, routers=routers, progress=advance)
-        summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=new_cfg,
+    adapter_only = ckpt.base is not None and not full
+    with bar("merge", ckpt.adapter_bytes if adapter_only else ckpt.total_bytes) as advance:
+        tensors = stream(ckpt, adapter=adapter, routers=routers, progress=advance, adapters_only=adapter_only)
+        summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=new_cfg, adapter_only=adapter_only,
                                     max_shard_size=max_shard_size, title="awaker LoRA-MoE model (experts merged)",
                                     card=card))
+    summary["adapter_only"] = adapter_only
     energy = report.pop("energy", None)
     if energy:
         summary["energy_kept"] = {"min": min(energy.values()), "mean": sum(energy.values()) / len(energy),
@@ -272,9 +275,10 @@ def merge_experts(source, out, group: list[int], *, keep_rank_sum=False, span_me
 # -- the command's entry point ------------------------------------------------------------------------------
 def merge(source, out, *, expert: int | None = None, p: float | None = None, data=None, experts: str | None = None,
           keep_rank_sum: bool = False, batch_size: int = 4, limit: int | None = None, force=False, dry_run=False,
-          max_shard_size=DEFAULT_SHARD_SIZE, bar=no_bar) -> dict:
+          max_shard_size=DEFAULT_SHARD_SIZE, full=False, bar=no_bar) -> dict:
     """Pick the mode from the options: --experts merges experts, --expert/--data bakes a dense model,
-    neither folds the q/k/v LoRA."""
+    neither folds the q/k/v LoRA. full: with --experts, a complete output even from an adapter-only
+    source (a fold or a bake changes the base weights: always complete)."""
     from .records import read_records
     from .rewrite import measure
     from .stats import full_probs, router_bank
@@ -295,7 +299,8 @@ def merge(source, out, *, expert: int | None = None, p: float | None = None, dat
         if data is not None:
             run = measure(ckpt.path, read_records(data, limit), batch_size=batch_size, bar=bar, what="calibrate")
             span_means = run.span_means
-        return merge_experts(ckpt.path, out, group, keep_rank_sum=keep_rank_sum, span_means=span_means, **common)
+        return merge_experts(ckpt.path, out, group, keep_rank_sum=keep_rank_sum, span_means=span_means, full=full,
+                             **common)
     if expert is None and data is None:
         return fold_lora(ckpt.path, out, **common)
     if expert is not None:

@@ -40,7 +40,9 @@ def choose_experts(usage: torch.Tensor, *, min_share: float | None, keep: int | 
 
 def prune(source, out, *, data=None, min_share: float | None = None, keep: int | None = None,
           rank: int | None = None, batch_size: int = 4, limit: int | None = None, force=False, dry_run=False,
-          max_shard_size=DEFAULT_SHARD_SIZE, bar=no_bar) -> dict:
+          max_shard_size=DEFAULT_SHARD_SIZE, full=False, bar=no_bar) -> dict:
+    """Drop experts (by usage on `data`) and/or cut the rank. The output keeps the source's form: an
+    adapter-only source gives an adapter-only output on the same base, unless `full`."""
     ckpt, cfg = open_source(source, "prune")
     if not dry_run:
         check_target(ckpt, out, force, data)
@@ -105,10 +107,12 @@ def prune(source, out, *, data=None, min_share: float | None = None, keep: int |
         card.append(f"Experts kept: {kept} of {cfg.num_experts} (by usage on `{data}`); router rows of the others removed.")
     if rank is not None:
         card.append(f"LoRA rank reduced from {cfg.rank} to {new_rank} by SVD (alpha {new_cfg.alpha:g}, same scaling).")
-    with bar("prune", ckpt.total_bytes) as advance:
-        tensors = stream(ckpt, adapter=adapter, routers=routers, progress=advance)
-        summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=new_cfg,
+    adapter_only = ckpt.base is not None and not full
+    with bar("prune", ckpt.adapter_bytes if adapter_only else ckpt.total_bytes) as advance:
+        tensors = stream(ckpt, adapter=adapter, routers=routers, progress=advance, adapters_only=adapter_only)
+        summary.update(write_output(out, ckpt, tensors, force=force, awaker_config=new_cfg, adapter_only=adapter_only,
                                     max_shard_size=max_shard_size, title="awaker LoRA-MoE model (pruned)", card=card))
+    summary["adapter_only"] = adapter_only
     if energy:
         summary["energy_kept"] = {"min": min(energy.values()), "mean": sum(energy.values()) / len(energy),
                                   "per_module": energy}

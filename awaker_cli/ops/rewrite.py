@@ -12,6 +12,7 @@ import torch
 
 from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, atomic_output_dir, check_free_space,
                           check_output_dir, copy_processor_files, write_model_card)
+from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, write_base_record
 from ..checkpoint.keys import ADAPTER_SUFFIXES, ROUTER_PREFIX, lm_linear
 from ..errors import AwakerError
 from ..kernels.routing_ref import router_inputs as ref_router_inputs
@@ -67,8 +68,10 @@ def stream(ckpt: Checkpoint, *, weight: Callable[[str, torch.Tensor], Tensors | 
            adapter: Callable[[str, torch.Tensor, torch.Tensor], Tensors] | None = None,
            routers: Callable[[dict[str, torch.Tensor]], Tensors] | None = None,
            other: Callable[[str, torch.Tensor], Tensors] | None = None,
-           progress: Callable[[int], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           progress: Callable[[int], None] | None = None,
+           adapters_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the output tensors of `ckpt` in on-disk order, one source tensor (or module) at a time.
+    adapters_only: the adapters and routers alone (the base tensors are not even read).
 
     weight(module path, W): for language-model linear weights; None keeps W as it is.
     adapter(module path, A, B): for each adapter module (both halves read together).
@@ -77,7 +80,10 @@ def stream(ckpt: Checkpoint, *, weight: Callable[[str, torch.Tensor], Tensors | 
     """
     done = set()
     bank = {}
+    base = ckpt.base_tensors() if adapters_only else {}
     for key in ckpt.ordered_keys():
+        if key in base:
+            continue
         nbytes = ckpt.tensors[key].nbytes
         if key.startswith(ROUTER_PREFIX):
             bank[key[len(ROUTER_PREFIX):]] = ckpt.get(key)
@@ -102,14 +108,21 @@ def stream(ckpt: Checkpoint, *, weight: Callable[[str, torch.Tensor], Tensors | 
 
 def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[str, torch.Tensor]], *,
                  force: bool, awaker_config: AwakerConfig | None, title: str, card: list[str],
-                 config_json: dict | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
+                 config_json: dict | None = None, max_shard_size: int = DEFAULT_SHARD_SIZE,
+                 adapter_only: bool = False) -> dict:
     """Write a model directory atomically: the streamed tensors, config.json (the source's unless
-    given), awaker_config.json (if any), the processor files and a model card."""
+    given), awaker_config.json (if any), the processor files and a model card.
+    adapter_only: the tensors are adapters and routers alone (stream(adapters_only=True)), written as an
+    adapter-only directory on the source's base (checkpoint/base_ref.py)."""
+    record = base_record(source, Path(out)) if adapter_only else None
     with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
-        writer = ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key)
+        writer = (ShardWriter(tmp, 1 << 62, key_map=source.family.disk_key, single_name=ADAPTERS_FILE) if adapter_only
+                  else ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key))
         for key, t in tensors:
             writer.add(key, t.detach().contiguous())
         shards = writer.close()
+        if record is not None:
+            write_base_record(tmp, record)
         if config_json is None:
             shutil.copy2(source.path / "config.json", tmp / "config.json")
         else:
