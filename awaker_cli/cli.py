@@ -91,7 +91,6 @@ def run(argv: list[str] | None = None) -> int:
         from . import commands  # noqa: F401  (registers the commands on `app`; inside: Ctrl-C here too)
 
         _reflow_help(app)
-
         _quiet_libraries()
         result = app(args=argv, standalone_mode=False, prog_name="awaker")
         if result == 130:  # typer turns Ctrl-C inside a command into Exit(130) and returns its code
