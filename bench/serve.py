@@ -8,6 +8,7 @@ requests/s and output tokens/s are over the wall time of all of them.
     python bench/serve.py                          # the tiny model (built here, random adapters), on the CPU
     python bench/serve.py MODEL --device cuda      # a real awaker model on a GPU (e.g. a 7B upcycle)
     python bench/serve.py --json out.json          # also write the numbers
+    python bench/serve.py --clients 16 --burst 16  # and 16 streamed requests released at once (first-token times)
 
 Bounded: --requests (default 32) per setting, --max-tokens (default 32) each, --timeout per request.
 Record results with machine and date in bench/RESULTS.md.
@@ -118,6 +119,39 @@ def through_server(base: str, reqs, clients: int, timeout: float) -> dict:
             "mean_batch_occupancy": round(rows / steps, 2) if steps else 0.0}
 
 
+def burst(base: str, reqs, timeout: float) -> dict:
+    """Every request released at the same moment, streamed: time to the first content chunk (what a
+    burst of arrivals waits while the server prefills) and to the end, over all of them."""
+    import threading
+
+    import httpx2 as httpx
+
+    gate = threading.Barrier(len(reqs))
+
+    def one(body):
+        with httpx.Client(timeout=timeout) as http:
+            gate.wait()
+            t = time.perf_counter()
+            first = None
+            with http.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if first is None and '"content": "' in line and '"content": ""' not in line:
+                        first = time.perf_counter() - t
+            return first, time.perf_counter() - t
+
+    with httpx.Client(timeout=timeout) as http:
+        metrics0 = scrape(http, base)
+        with ThreadPoolExecutor(len(reqs)) as pool:
+            times = list(pool.map(one, [body for body, _ in reqs]))
+        metrics = scrape(http, base)
+    ttft = sorted(t for t, _ in times if t is not None)
+    prefills = metrics.get("awaker_prefills_total", float("nan")) - metrics0.get("awaker_prefills_total", float("nan"))
+    return {"mode": "burst, streamed", "clients": len(reqs), "requests": len(reqs),
+            "ttft_median_s": round(ttft[len(ttft) // 2], 3), "ttft_max_s": round(ttft[-1], 3),
+            "last_answer_s": round(max(end for _, end in times), 3), "prefills": prefills}
+
+
 def scrape(http, base: str) -> dict[str, float]:
     text = http.get(base + "/metrics").text
     return {k: float(v) for k, v in (line.split() for line in text.splitlines() if line and line[0] != "#")}
@@ -135,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads of torch, for the baseline and the server alike (tiny kernels on a shared "
                          "machine are fastest on one; 0: torch's default)")
+    ap.add_argument("--burst", type=int, default=16, help="requests released at once for the time-to-first-token "
+                                                          "row (0: none)")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args(argv)
 
@@ -171,6 +207,9 @@ def main(argv=None):
             for clients in args.clients:
                 rows.append(through_server(base, reqs, clients, args.timeout))
                 print(json.dumps(rows[-1]), flush=True)
+            bursts = [burst(base, reqs[:args.burst], args.timeout)] if args.burst else []
+            for b in bursts:
+                print(json.dumps(b), flush=True)
         finally:
             server.terminate()
             server.wait(30)
@@ -180,10 +219,13 @@ def main(argv=None):
     for r in rows:
         print(f"{r['mode']:<24}{r['clients']:>8}{r['requests_per_s']:>9}{r['output_tokens_per_s']:>11}"
               f"{r['output_tokens_per_s'] / seq:>7.2f}x{r.get('mean_batch_occupancy', 1.0):>11}")
+    for b in bursts:
+        print(f"\n{b['clients']} requests at once: first token after {b['ttft_median_s']} s (median), "
+              f"{b['ttft_max_s']} s (last); all answered after {b['last_answer_s']} s; {b['prefills']:g} prefill(s)")
     if args.json:
         meta = {"date": datetime.date.today().isoformat(), "device": args.device, "model": args.model or "tiny",
                 "requests": args.requests, "max_tokens": args.max_tokens, "threads": args.threads}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "bursts": bursts}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,64 @@ def test_sixteen_staggered_clients_share_steps_and_answer_as_if_alone(server, cl
     print(f"mean occupancy {rows / steps:.2f}, max {metrics['awaker_max_batch_occupancy']}")
 
 
+def burst(scheduler, asks):
+    """Submit every (text, image, params) before the scheduler thread starts, so that all arrive at once;
+    -> per ask: (answer text, routing) or ("error", message)."""
+    done = [threading.Event() for _ in asks]
+    results: list = [None] * len(asks)
+
+    def emit_for(i):
+        def emit(kind, payload):
+            if kind == "done":
+                results[i] = (payload.text, payload.routing)
+            elif kind in ("error", "fail"):
+                results[i] = ("error", payload)
+            if kind in ("done", "error", "fail"):
+                done[i].set()
+        return emit
+
+    for i, (text, image, params) in enumerate(asks):
+        scheduler.submit(Job(engine_messages(text, image), params, [], emit_for(i)))
+    scheduler.start()
+    try:
+        assert all(d.wait(120) for d in done)
+    finally:
+        scheduler.stop()
+    return results
+
+
+@pytest.mark.parametrize("fam", ["qwen2_vl", *NEW_FAMILIES])
+def test_a_burst_is_prefilled_together_and_answers_as_alone(fam, reference, family_moes):
+    """Requests that arrive together share one left-padded prefill: the same answers and routes as each
+    alone (greedy and seeded sampling, with and without an image, prompts of different lengths; Qwen3-VL's
+    DeepStack features at the image positions of each row)."""
+    reference = reference if fam == "qwen2_vl" else load_engine(str(family_moes[fam]), device="cpu")
+    asks = [(f"question {i} : what is here ?" + " more" * (3 * i), solid((40 * i, 180, 90)) if i % 2 else None,
+             SamplingParams(max_new_tokens=M, temperature=0.8, seed=i) if i == 3 else SamplingParams(max_new_tokens=M))
+            for i in range(6)]
+    wants = [reference.generate([engine_messages(t, im)], p)[0] for t, im, p in asks]
+    scheduler = Scheduler(reference, max_batch=8, max_context=512)
+    got = burst(scheduler, asks)
+    for (text, routing), want in zip(got, wants):
+        assert text == want.text
+        assert routing_report(reference.model.awaker_config, routing) == \
+            routing_report(reference.model.awaker_config, want.routing)
+    assert scheduler.metrics["prefills_total"] == 1 and scheduler.metrics["requests_total"] == 6
+
+
+def test_a_bad_request_in_a_burst_fails_alone(reference):
+    """A prompt too long for the server's context in a burst: that request gets its error, the others
+    (then prefilled one by one) their answers."""
+    asks = [("hi", None, SamplingParams(max_new_tokens=4)), ("long " * 300, None, SamplingParams(max_new_tokens=4)),
+            ("hello there", None, SamplingParams(max_new_tokens=4))]
+    scheduler = Scheduler(reference, max_batch=4, max_context=256)
+    got = burst(scheduler, asks)
+    assert got[1][0] == "error" and "more than the server's context of 256 tokens" in got[1][1]
+    for i in (0, 2):
+        assert got[i][0] == alone(reference, asks[i][0], n=4).text
+    assert scheduler.metrics["requests_failed"] == 1 and scheduler.metrics["prefills_total"] == 2
+
+
 def test_models_health_metrics(server):
     base = server[0]
     assert httpx.get(base + "/v1/models").status_code == 401

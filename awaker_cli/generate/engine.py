@@ -13,7 +13,6 @@ HF's static cache + torch.compile(reduce-overhead) fail (docs/design.md section 
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,7 @@ from ..model.build import model_span_tokens, route
 from ..model.families import family_of_model
 from ..model.layers import LoRALinear, MoELoRALinear
 from ..model.routing import Routing, image_tokens, routing_spans
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, draw_seed, sample
 
 # A request: a user prompt, or chat messages [{"role": ..., "content": str | [parts]}] where a part is
 # {"type": "text", "text": ...} or {"type": "image", "image": PIL image | path}.
@@ -136,9 +135,7 @@ class _Run:
         self.prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         self.rows = [_Row() for _ in range(self.batch)]
         self.routing: Routing | None = None
-        self.seed = params.seed
-        if self.seed is None and not params.greedy:  # drawn here so that it can be reported and replayed
-            self.seed = int.from_bytes(os.urandom(4), "little")
+        self.seed = draw_seed(params)
         self.t0 = t0  # the request arrived (before tokenizing and image processing)
         self.t_first: float | None = None
         self.read = 0  # new tokens per row the host has seen

@@ -6,6 +6,7 @@ so sampling never synchronises the host with the GPU.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,14 @@ class SamplingParams:
         if self.top_k < 0:
             raise AwakerError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
         return self
+
+
+def draw_seed(params: SamplingParams) -> int | None:
+    """The seed a request samples with: its own, else a random one drawn here so that it can be reported
+    and replayed; None for greedy decoding without a seed."""
+    if params.seed is None and not params.greedy:
+        return int.from_bytes(os.urandom(4), "little")
+    return params.seed
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AwakerError
 from ..generate.engine import Engine, Request, _Buffers, _Detokenizer
-from ..generate.sampling import SamplingParams, sample
+from ..generate.sampling import SamplingParams, draw_seed, sample
 from ..model.routing import Routing
 
 
@@ -71,7 +71,7 @@ class Scheduler:
         self.stopping = False
         self.stops = engine.stop_ids
         self.metrics = {"requests_total": 0, "requests_failed": 0, "requests_cancelled": 0,
-                        "prompt_tokens_total": 0, "completion_tokens_total": 0, "decode_steps_total": 0,
+                        "prompt_tokens_total": 0, "completion_tokens_total": 0, "prefills_total": 0, "decode_steps_total": 0,
                         "batch_rows_total": 0, "max_batch_occupancy": 0}
         self.thread = threading.Thread(target=self._loop, name="awaker-scheduler", daemon=True)
 
@@ -118,8 +118,8 @@ class Scheduler:
                     joining.append(self.waiting.popleft())
             try:
                 with torch.inference_mode():
-                    for job in joining:
-                        self._admit(job)
+                    if joining:
+                        self._admit(joining)
                     self._drop_cancelled()
                     if self.active:
                         self._step()
@@ -131,64 +131,94 @@ class Scheduler:
         for job in [*self.waiting, *[r for r in self.rows if r is not None]]:
             self._finish(job, "interrupted") if job.t_first else job.emit("busy", "the server is shutting down")
 
-    def _admit(self, job: Job):
-        engine, buf = self.engine, self.buf
-        try:
+    def _admit(self, jobs: list[Job]):
+        """Prefill the jobs that arrived since the last step and move each into a free row: all together
+        in one left-padded prefill (as Engine.generate prefills a batch), or one at a time when the batch
+        cannot be taken whole (a prompt too long, an image the processor refuses...), so that an error is
+        only ever its own request's."""
+        live = []
+        for job in jobs:
             if job.cancelled:
-                raise _Cancelled
-            # the prefill's own cache needs room for the prompt only: the answer is decoded in self.buf
-            run = engine._start([job.request], replace(job.params, max_new_tokens=1))
-            length = run.inputs["input_ids"].shape[1]
+                self.metrics["requests_cancelled"] += 1
+            else:
+                live.append(job)
+        if len(live) > 1:
+            try:
+                return self._place(live, *self._prefill(live))
+            except Exception:  # nothing was placed: retried one by one below, each failing on its own
+                pass
+        for job in live:
+            try:
+                prefilled = self._prefill([job])
+            except AwakerError as e:  # a too long prompt, an image the processor refuses...: the request's fault
+                self.metrics["requests_failed"] += 1
+                job.emit("error", str(e))
+            except Exception as e:  # the server's fault (e.g. out of memory): this request fails, the others go on
+                self.metrics["requests_failed"] += 1
+                job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
+            else:
+                self._place([job], *prefilled)
+
+    def _prefill(self, jobs: list[Job]):
+        """One prefill of the jobs' prompts in a cache of their own -> (run, prompt lengths, last logits)."""
+        engine = self.engine
+        for job in jobs:
+            job.params.validate()
+        # the prefill's own cache needs room for the prompts only: the answers are decoded in self.buf
+        run = engine._start([job.request for job in jobs], SamplingParams(max_new_tokens=1))
+        lengths = run.inputs["attention_mask"].sum(1).tolist()
+        for job, length in zip(jobs, lengths):
             room = self.max_context - length
             if room < 1 or (not job.fit and job.params.max_new_tokens > room):
                 asked = "" if job.fit else f" and max_tokens is {job.params.max_new_tokens}"
                 raise AwakerError(f"the prompt is {length} tokens{asked}: together more than the server's context "
                                   f"of {self.max_context} tokens (--max-context)")
-            max_new = min(job.params.max_new_tokens, room)
-            state = engine.model.awaker_state if engine.routed else None
+        state = engine.model.awaker_state if engine.routed else None
+        if state is not None:
+            state.fixed = run.buf.routing
+        try:
+            logits = engine._prefill(run, None)
+        finally:
             if state is not None:
-                state.fixed = run.buf.routing
-            try:
-                logits = engine._prefill(run, None)
-            finally:
-                if state is not None:
-                    state.fixed = None
-        except _Cancelled:
-            self.metrics["requests_cancelled"] += 1
-            return
-        except AwakerError as e:  # a too long prompt, an image the processor refuses...: the request's fault
-            self.metrics["requests_failed"] += 1
-            job.emit("error", str(e))
-            return
-        except Exception as e:  # the server's fault (e.g. out of memory): this request fails, the others go on
-            self.metrics["requests_failed"] += 1
-            job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
-            return
-        row = self.rows.index(None)
-        self._make_room(length)
-        slot = int(buf.slot)
-        small = run.buf
-        for i in range(len(engine.layers)):
-            buf.k[i][row, :, slot - length:slot] = small.k[i][0, :, :length]
-            buf.v[i][row, :, slot - length:slot] = small.v[i][0, :, :length]
-        buf.valid[row] = False
-        buf.valid[row, slot - length:slot] = small.valid[0, :length]
-        buf.pos[row] = small.pos[0]
+                state.fixed = None
+        self.metrics["prefills_total"] += 1
+        return run, lengths, logits
+
+    def _place(self, jobs: list[Job], run, lengths: list[int], logits: torch.Tensor):
+        """Copy each prefilled prompt into a free row so that it ends just before `slot`, then choose
+        each job's first token."""
+        buf, small = self.buf, run.buf
+        self._make_room(max(lengths))
+        slot, padded = int(buf.slot), run.inputs["input_ids"].shape[1]
+        placed = []
+        for b, (job, length) in enumerate(zip(jobs, lengths)):
+            row = self.rows.index(None)
+            prompt = slice(padded - length, padded)  # left padding: prompt b fills the end of its row
+            for i in range(len(self.engine.layers)):
+                buf.k[i][row, :, slot - length:slot] = small.k[i][b, :, prompt]
+                buf.v[i][row, :, slot - length:slot] = small.v[i][b, :, prompt]
+            buf.valid[row] = False
+            buf.valid[row, slot - length:slot] = small.valid[b, prompt]
+            buf.pos[row] = small.pos[b]
+            if run.routing is not None:
+                for name in ("expert_ids", "probs", "expert_weights", "global_weight"):
+                    if getattr(buf.routing, name) is not None:
+                        getattr(buf.routing, name)[row] = getattr(run.routing, name)[b]
+                job.routing = run.routing.select(torch.tensor([b], device=run.routing.probs.device))
+            job.seed, job.max_new = draw_seed(job.params), min(job.params.max_new_tokens, self.max_context - length)
+            job.prompt_tokens, job.start = length, slot - length
+            if not job.params.greedy:
+                job.generator = torch.Generator(device=self.engine.device).manual_seed(job.seed)
+            job.detok = _Detokenizer(self.engine.tokenizer)
+            self.rows[row] = job
+            placed.append((row, b))
+            self.metrics["requests_total"] += 1
+            self.metrics["prompt_tokens_total"] += length
         if run.routing is not None:
-            for name in ("expert_ids", "probs", "expert_weights", "global_weight"):
-                if getattr(buf.routing, name) is not None:
-                    getattr(buf.routing, name)[row] = getattr(run.routing, name)[0]
             buf.routing.refresh_views(buf.num_slots)
-        job.routing, job.seed, job.max_new = run.routing, run.seed, max_new
-        job.prompt_tokens, job.start = length, slot - length
-        if not job.params.greedy:
-            job.generator = torch.Generator(device=engine.device).manual_seed(run.seed)
-        job.detok = _Detokenizer(engine.tokenizer)
-        self.rows[row] = job
-        self.metrics["requests_total"] += 1
-        self.metrics["prompt_tokens_total"] += length
-        job.emit("start", None)
-        self._take(row, logits[0:1])
+        for row, b in placed:
+            self.rows[row].emit("start", None)
+            self._take(row, logits[b:b + 1])
 
     def _make_room(self, length: int):
         """Shift the live columns so that a prompt of `length` tokens fits before `slot`, with room after
@@ -297,7 +327,3 @@ class Scheduler:
             if job is not None and job.cancelled:
                 self._free(job)
                 self.metrics["requests_cancelled"] += 1
-
-
-class _Cancelled(Exception):
-    pass
