@@ -3,9 +3,11 @@ adapters and a record of the base, every command finds and verifies that base, a
 base is one clear error."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 
 import pytest
 import torch
@@ -173,3 +175,28 @@ def test_relink_refuses_other_weights_and_complete_directories(base, tmp_path, c
     full = upcycle(base, tmp_path / "full")
     assert run(["relink", str(full), str(base)]) == 2
     assert "not an adapter-only awaker directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter_only", [True, False])
+def test_the_saving_bar_counts_every_byte_once(tiny_moe, tmp_path, adapter_only):
+    """The final save of a training run shows one bar over what it hashes, copies and writes: it ends
+    exactly at its total."""
+    from awaker_cli.model.config import AwakerConfig
+    from awaker_cli.model.save import save_with_source_base
+
+    source = Checkpoint(tiny_moe)
+    adapters = {k: source.get(k) for k in source.tensors if k not in source.base_tensors()}
+    seen, lock = {}, threading.Lock()
+
+    @contextlib.contextmanager
+    def bar(description, total):
+        seen.update(total=total, done=0)
+
+        def advance(n):
+            with lock:  # the base is hashed in threads
+                seen["done"] += n
+        yield advance
+
+    save_with_source_base(tmp_path / "out", source, adapters, AwakerConfig.load(tiny_moe), adapter_only=adapter_only,
+                          bar=bar)
+    assert seen["total"] == source.total_bytes and seen["done"] == seen["total"]

@@ -76,16 +76,18 @@ def _file_stats(files) -> dict[str, list[int]]:
     return out
 
 
-def base_record(base, out: Path) -> dict:
+def base_record(base, out: Path, progress: Callable[[int], None] | None = None) -> dict:
     """What an adapter-only directory written to `out` records about `base` (a Checkpoint whose base
-    tensors the adapters were trained on). A base that is itself adapter-only passes its record on."""
+    tensors the adapters were trained on). A base that is itself adapter-only passes its record on;
+    otherwise its tensors are hashed (progress(n_bytes) follows)."""
     from .files import hub_id
 
     if base.base is not None:
         record = dict(base.base_record)
     else:
         path, tensors = base.path.resolve(), base.base_tensors()
-        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path), "tensors_sha256": tensors_sha256(tensors),
+        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path),
+                  "tensors_sha256": tensors_sha256(tensors, progress),
                   "tensors": len(tensors), "bytes": sum(i.nbytes for i in tensors.values()),
                   "files": _file_stats(base.files)}
     record["relative"] = os.path.relpath(record["path"], out.expanduser().resolve())

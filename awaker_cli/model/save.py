@@ -2,6 +2,7 @@
 processor files and config.json of the directory it came from, a model card. Atomic and sharded."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, atomic_output_d
                           write_checkpoint, write_model_card)
 from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, recorded_base, write_base_record
 from ..errors import AwakerError
+from ..progress import progress_bar
 from .build import adapter_state_dict, base_state_dict
 from .config import AwakerConfig
 from .families import family_of_model
@@ -60,28 +62,33 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
                           config: AwakerConfig, *, force: bool = False, title: str = "awaker model",
                           card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE,
                           adapter_dtype: torch.dtype | None = None, adapter_only: bool = False,
-                          final_dir: str | Path | None = None) -> Path:
+                          final_dir: str | Path | None = None, bar=None) -> Path:
     """Save a model whose base is `source`'s, unchanged (training freezes it): the base tensors are
     copied byte for byte from source's files, the adapters and routers come from `adapters`.
     adapter_only: write the adapters alone and a record of source's base instead (checkpoint/base_ref.py);
-    final_dir: where the files will end up when `out` is only a staging place (the record's relative path)."""
+    final_dir: where the files will end up when `out` is only a staging place (the record's relative path);
+    bar(description, total_bytes): a progress context (awaker_cli.progress.progress_bar) over the bytes
+    copied, written and hashed."""
     out = Path(out)
     entries = [Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t) for key, t in adapters.items()]
-    if adapter_only:
-        record = base_record(source, Path(final_dir or out))  # hashes the base once, before the output exists
-    else:
-        base = source.base_tensors()
+    base = source.base_tensors()
+    if not adapter_only:
         entries = [Entry(key, base[key].dtype, base[key].shape, source=base[key])
                    for key in source.ordered_keys() if key in base] + entries
-    with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
-        if adapter_only:
-            write_checkpoint(tmp, entries, max_shard_size=1 << 62, key_map=source.family.disk_key,
-                             single_name=ADAPTERS_FILE)
-            write_base_record(tmp, record)
-        else:
-            write_checkpoint(tmp, entries, max_shard_size, key_map=source.family.disk_key)
-        shutil.copy2(source.path / "config.json", tmp / "config.json")
-        config.save(tmp)
-        copy_processor_files(source.path, tmp)
-        write_model_card(tmp, title, list(card), source=source.path)
+    hashed = adapter_only and source.base is None  # an adapter-only source passes its record on unhashed
+    total = sum(e.nbytes for e in entries) + (sum(i.nbytes for i in base.values()) if hashed else 0)
+    with (bar or functools.partial(progress_bar, enabled=False))("saving", total) as advance:
+        # the base is hashed once, before the output exists
+        record = base_record(source, Path(final_dir or out), advance) if adapter_only else None
+        with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
+            if adapter_only:
+                write_checkpoint(tmp, entries, 1 << 62, advance, key_map=source.family.disk_key,
+                                 single_name=ADAPTERS_FILE)
+                write_base_record(tmp, record)
+            else:
+                write_checkpoint(tmp, entries, max_shard_size, advance, key_map=source.family.disk_key)
+            shutil.copy2(source.path / "config.json", tmp / "config.json")
+            config.save(tmp)
+            copy_processor_files(source.path, tmp)
+            write_model_card(tmp, title, list(card), source=source.path)
     return out

@@ -37,7 +37,7 @@ from ..model.build import adapter_state_dict
 from ..model.families import family_of_model
 from ..model.routing import Routing, SpanTokens
 from ..model.save import save_with_source_base
-from ..progress import stderr
+from ..progress import progress_bar, stderr
 from . import parallel
 from . import state as ckpt_io
 from .data import IGNORE_INDEX, Encoder, RecordDataset, StepBatches, collate, hold_out, read_records, \
@@ -687,7 +687,8 @@ def _run(recipe, plan, records, val, stats, ctx: parallel.Dist, out: Path, say, 
             shutil.rmtree(staged)
         save_with_source_base(staged, source, adapters, plan.config, force=True,
                               title=f"awaker stage-{plan.stage} model", card=_card(recipe, plan, stats, end, last),
-                              adapter_dtype=save_dtype, adapter_only=not full, final_dir=out)
+                              adapter_dtype=save_dtype, adapter_only=not full, final_dir=out,
+                              bar=functools.partial(progress_bar, enabled=t.progress and not quiet))
         record_image_settings(staged, d.min_pixels, d.max_pixels)
         del adapters
         _publish_model(staged, out)
