@@ -123,7 +123,7 @@ def test_help_for_every_command(capsys):
     for command in ("upcycle", "info", "make-tiny"):
         assert run([command, "--help"]) == 0
     out = capsys.readouterr().out
-    assert "Turn a dense Qwen2-VL checkpoint" in out
+    assert "Turn a dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint" in out
 
 
 def test_help_paragraphs_flow_to_the_terminal_width(capsys, monkeypatch):

@@ -14,7 +14,7 @@ from .options import ImageRoot, MaxPixels, MinPixels
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="A Qwen2-VL or awaker model directory."),
+    model: str = typer.Argument(..., help="A dense Qwen2-VL / Qwen2.5-VL / Qwen3-VL or an awaker model directory."),
     data: Path = typer.Option(..., "--data", help="JSONL (or JSON list) in the training data format; "
                                                   "the last assistant turn is the reference, `task` is optional."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples generated together."),

@@ -10,7 +10,7 @@ from ..progress import stderr
 
 @app.command()
 def info(
-    path: str = typer.Argument(..., help="A Qwen2-VL or awaker model directory."),
+    path: str = typer.Argument(..., help="A dense Qwen2-VL / Qwen2.5-VL / Qwen3-VL or an awaker model directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the description as JSON."),
 ):
     """Show architecture, parameters (total and active per token), experts, routers, dtype, size and files."""

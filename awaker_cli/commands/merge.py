@@ -1,4 +1,4 @@
-"""`awaker merge MODEL OUT`: fold the q/k/v LoRA, bake a routing into a dense Qwen2-VL, or merge experts."""
+"""`awaker merge MODEL OUT`: fold the q/k/v LoRA, bake a routing into a dense model, or merge experts."""
 from __future__ import annotations
 
 import functools
@@ -38,8 +38,8 @@ def merge(
 
     \b
     awaker merge MODEL OUT                      fold the plain LoRA into the base (stage I: a dense model)
-    awaker merge MODEL OUT --expert 2 --p 0.8   plain dense Qwen2-VL: expert 2 at p=0.8 + global expert
-    awaker merge MODEL OUT --data eval.jsonl    plain dense Qwen2-VL with the routing the data picks most
+    awaker merge MODEL OUT --expert 2 --p 0.8   plain dense model: expert 2 at p=0.8 + global expert
+    awaker merge MODEL OUT --data eval.jsonl    plain dense model with the routing the data picks most
     awaker merge MODEL OUT --experts 1,3        one expert fewer: 1 and 3 merged, their router rows combined
     """
     from ..checkpoint import parse_size
@@ -60,7 +60,7 @@ def merge(
                      "weights")
     elif mode == "bake":
         experts_used = sorted({e for r in result["routing"] for e in r["experts"]})
-        stderr.print(f"{verb} {out}: a plain Qwen2-VL with {result['how']} baked in "
+        stderr.print(f"{verb} {out}: a plain dense model with {result['how']} baked in "
                      f"(experts used: {experts_used}, combine {result['combine']})")
     else:
         c = result["awaker_config"]

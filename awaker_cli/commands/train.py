@@ -32,7 +32,7 @@ def train(
 
     awaker train stage1 model=Qwen/Qwen2-VL-7B-Instruct output_dir=out/stage1 data.train=data.json
 
-    Stage 1 trains one plain LoRA on all seven linears of a dense Qwen2-VL (`model`). Stage 2 turns it into the LoRA-MoE (`init_from` the stage-1 output) and trains experts and routers. Stage 3 (`init_from` the stage-2 output) trains the experts with the routers frozen.
+    Stage 1 trains one plain LoRA on all seven linears of a dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL (`model`). Stage 2 turns it into the LoRA-MoE (`init_from` the stage-1 output) and trains experts and routers. Stage 3 (`init_from` the stage-2 output) trains the experts with the routers frozen.
 
     Several GPUs (or CPU processes): torchrun --nproc-per-node N -m awaker_cli train --recipe ... with train.parallel=ddp (a full copy per GPU) or fsdp (model, gradients and optimizer sharded over the GPUs; the 7B recipes' choice).
     """

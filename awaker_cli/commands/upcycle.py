@@ -1,4 +1,4 @@
-"""`awaker upcycle BASE OUT`: dense Qwen2-VL -> LoRA-MoE."""
+"""`awaker upcycle BASE OUT`: dense Qwen-VL -> LoRA-MoE."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +19,7 @@ def _names(text: str) -> list[str]:
 
 @app.command()
 def upcycle(
-    base: str = typer.Argument(..., help="Dense Qwen2-VL directory (or a hub id already in the local cache)."),
+    base: str = typer.Argument(..., help="Dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory (or a hub id already in the local cache)."),
     out: Path = typer.Argument(..., help="Output directory for the awaker model (must not exist, or be empty)."),
     experts: int = typer.Option(4, help="Routed LoRA experts per MoE linear."),
     rank: int = typer.Option(256, help="LoRA rank of every adapter (experts, global expert, q/k/v)."),
@@ -47,7 +47,7 @@ def upcycle(
                                                   "adapters larger than the base."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
-    """Turn a dense Qwen2-VL checkpoint into LoRA-MoE form.
+    """Turn a dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint into LoRA-MoE form.
 
     The base tensors are copied bit for bit; q/k/v get a plain LoRA and o/gate/up/down get routed
     experts plus a global expert, all with B = 0, so the new model computes exactly what the base does.
