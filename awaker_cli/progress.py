@@ -30,6 +30,13 @@ def progress_bar(description: str, total: int, *, unit: str = "bytes",
             raise
 
 
+@contextlib.contextmanager
+def no_bar(description: str, total: int, *, unit: str = "bytes") -> Iterator[Callable[[int], None]]:
+    """The default progress reporter of library functions that take `bar`: nothing (commands pass
+    functools.partial(progress_bar, enabled=...))."""
+    yield lambda n: None
+
+
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     """A two-column key/value table on stderr (plans, summaries); values are plain text, never markup
     (they hold paths)."""

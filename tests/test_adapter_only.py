@@ -101,6 +101,25 @@ def test_moved_base_is_one_clear_error_and_moving_both_keeps_working(base, tmp_p
     assert Checkpoint(moved / "light").base.path == (moved / "base").resolve()
 
 
+def test_outputs_of_a_moved_project_record_where_the_base_is_now(base, tmp_path):
+    """A project moved as a whole: its adapter-only model finds the base by the relative path, and what is
+    made from it (a pruned copy, a next training stage) records the base's new place, so it opens too."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.move(str(base), project / "base")
+    light = upcycle(project / "base", project / "light", "--adapter-only")
+    moved = shutil.move(str(project), tmp_path / "moved")
+    assert run(["prune", str(moved / "light"), str(moved / "pruned"), "--rank", "2"]) == 0
+    data = write_synthetic_dataset(tmp_path / "data", n=4)
+    assert run(["train", "tiny-stage3", f"init_from={moved / 'light'}", f"output_dir={moved / 's3'}",
+                f"data.train={data}", *FAST]) == 0
+    for out in ("pruned", "s3"):
+        record = json.loads((moved / out / BASE_FILE).read_text())
+        assert record["path"] == str((moved / "base").resolve()) and record["relative"] == "../base"
+        assert Checkpoint(moved / out).base.path == (moved / "base").resolve()
+    assert not light.exists()
+
+
 def test_changed_base_is_refused_touched_base_verifies(base, tmp_path, capsys):
     light = upcycle(base, tmp_path / "light", "--adapter-only")
     os.utime(base / "model.safetensors", ns=(1, 1))  # same bytes, new time: re-hashed and accepted
@@ -129,16 +148,26 @@ def test_force_never_replaces_the_base_of_an_adapter_only_input(tiny_base, tmp_p
     assert (moe / "model.safetensors").is_file()
 
 
-def test_prune_and_merge_keep_an_adapter_only_input_adapter_only(random_moe, tmp_path):
+def test_prune_and_merge_keep_an_adapter_only_input_adapter_only(random_moe, tmp_path, monkeypatch):
     """Pruning or merging experts leaves the base as it is: from an adapter-only model they write adapters
-    on the same base (the same tensors as with --full, which writes a complete directory)."""
+    on the same base, without reading its tensors (the same tensors as with --full, which writes a
+    complete directory)."""
     data = write_synthetic_dataset(tmp_path / "data", n=4)
     s3 = tmp_path / "s3"
     assert run(["train", "tiny-stage3", f"init_from={random_moe}", f"output_dir={s3}", f"data.train={data}",
                 *FAST]) == 0
+    base_keys = set(Checkpoint(s3).base_tensors())
+    get = Checkpoint.get
+
+    def adapters_only(self, key):
+        assert key not in base_keys, f"read the base tensor {key}"
+        return get(self, key)
+
     for name, args in (("prune", ["prune", "--rank", "2"]), ("merge", ["merge", "--experts", "1,3"])):
         light, full = tmp_path / f"{name}-light", tmp_path / f"{name}-full"
-        assert run([args[0], str(s3), str(light), *args[1:]]) == 0
+        with monkeypatch.context() as m:
+            m.setattr(Checkpoint, "get", adapters_only)
+            assert run([args[0], str(s3), str(light), *args[1:]]) == 0
         assert run([args[0], str(s3), str(full), *args[1:], "--full"]) == 0
         assert sorted(p.name for p in light.glob("*.safetensors")) == [ADAPTERS_FILE]
         assert not (full / BASE_FILE).exists()

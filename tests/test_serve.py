@@ -200,12 +200,15 @@ def test_sixteen_staggered_clients_share_steps_and_answer_as_if_alone(server, cl
 
 def burst(scheduler, asks):
     """Submit every (text, image, params) before the scheduler thread starts, so that all arrive at once;
-    -> per ask: (answer text, routing) or ("error", message)."""
+    -> per ask: (answer text, routing) or ("error", message). Each job must get exactly one start (unless
+    it failed before it started) and exactly one ending."""
     done = [threading.Event() for _ in asks]
     results: list = [None] * len(asks)
+    events: list[list[str]] = [[] for _ in asks]
 
     def emit_for(i):
         def emit(kind, payload):
+            events[i].append(kind)
             if kind == "done":
                 results[i] = (payload.text, payload.routing)
             elif kind in ("error", "fail"):
@@ -221,20 +224,23 @@ def burst(scheduler, asks):
         assert all(d.wait(120) for d in done)
     finally:
         scheduler.stop()
+    for kinds in events:
+        assert [k for k in kinds if k != "text"] in (["start", "done"], ["start", "fail"], ["error"], ["fail"]), kinds
     return results
 
 
 @pytest.mark.parametrize("fam", ["qwen2_vl", *NEW_FAMILIES])
-def test_a_burst_is_prefilled_together_and_answers_as_alone(fam, reference, family_moes):
+def test_a_burst_is_prefilled_together_and_answers_as_alone(fam, reference, random_moe, family_moes):
     """Requests that arrive together share one left-padded prefill: the same answers and routes as each
     alone (greedy and seeded sampling, with and without an image, prompts of different lengths; Qwen3-VL's
     DeepStack features at the image positions of each row)."""
-    reference = reference if fam == "qwen2_vl" else load_engine(str(family_moes[fam]), device="cpu")
+    model = random_moe if fam == "qwen2_vl" else family_moes[fam]
+    reference = reference if fam == "qwen2_vl" else load_engine(str(model), device="cpu")
     asks = [(f"question {i} : what is here ?" + " more" * (3 * i), solid((40 * i, 180, 90)) if i % 2 else None,
              SamplingParams(max_new_tokens=M, temperature=0.8, seed=i) if i == 3 else SamplingParams(max_new_tokens=M))
             for i in range(6)]
     wants = [reference.generate([engine_messages(t, im)], p)[0] for t, im, p in asks]
-    scheduler = Scheduler(reference, max_batch=8, max_context=512)
+    scheduler = Scheduler(load_engine(str(model), device="cpu"), max_batch=8, max_context=512)
     got = burst(scheduler, asks)
     for (text, routing), want in zip(got, wants):
         assert text == want.text
@@ -243,17 +249,46 @@ def test_a_burst_is_prefilled_together_and_answers_as_alone(fam, reference, fami
     assert scheduler.metrics["prefills_total"] == 1 and scheduler.metrics["requests_total"] == 6
 
 
-def test_a_bad_request_in_a_burst_fails_alone(reference):
+def test_a_bad_request_in_a_burst_fails_alone(reference, random_moe):
     """A prompt too long for the server's context in a burst: that request gets its error, the others
     (then prefilled one by one) their answers."""
     asks = [("hi", None, SamplingParams(max_new_tokens=4)), ("long " * 300, None, SamplingParams(max_new_tokens=4)),
             ("hello there", None, SamplingParams(max_new_tokens=4))]
-    scheduler = Scheduler(reference, max_batch=4, max_context=256)
+    scheduler = Scheduler(load_engine(str(random_moe), device="cpu"), max_batch=4, max_context=256)
     got = burst(scheduler, asks)
     assert got[1][0] == "error" and "more than the server's context of 256 tokens" in got[1][1]
     for i in (0, 2):
         assert got[i][0] == alone(reference, asks[i][0], n=4).text
     assert scheduler.metrics["requests_failed"] == 1 and scheduler.metrics["prefills_total"] == 2
+
+
+def test_a_burst_with_a_one_token_answer_and_a_failing_first_token(reference, random_moe, monkeypatch):
+    """In one batched prefill: a request whose answer ends at its first token leaves its row at once, one
+    whose first token cannot be chosen fails alone, and the others are answered as alone."""
+    from awaker_cli.serve import scheduler as scheduler_module
+
+    asks = [(f"question {i} : what is here ?" + " more" * i, None,
+             SamplingParams(max_new_tokens=1 if i == 1 else N, temperature=0.7 if i == 2 else 0.0, seed=3))
+            for i in range(4)]
+    wants = [reference.generate([engine_messages(t, im)], p)[0] for t, im, p in asks]
+    sample = scheduler_module.sample
+
+    def sample_failing_once(logits, params, generator):  # request 2's first token (the only one sampled)
+        if params.greedy:
+            return sample(logits, params, generator)
+        monkeypatch.setattr(scheduler_module, "sample", sample)
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(scheduler_module, "sample", sample_failing_once)
+    scheduler = Scheduler(load_engine(str(random_moe), device="cpu"), max_batch=4, max_context=256)
+    got = burst(scheduler, asks)
+    assert got[2] == ("error", "generation failed: RuntimeError: injected fault")
+    for i in (0, 1, 3):
+        assert got[i][0] == wants[i].text
+    assert len(wants[1].tokens) <= 1
+    m = scheduler.metrics
+    assert m["prefills_total"] == 1 and m["requests_total"] == 4 and m["requests_failed"] == 1
+    assert scheduler.active == 0 and scheduler.rows == [None] * 4
 
 
 def test_models_health_metrics(server):

@@ -316,7 +316,7 @@ def test_dataset_skips_records_that_fail_when_decoded(folder, processor, tokens)
     assert sample["skipped"] == [(f"{path}:2", "image does not decode")]
     assert torch.equal(sample["input_ids"], enc(records[2])["input_ids"])  # the next record instead
     assert collate([ds[0], sample], 0)["skipped"] == [(f"{path}:2", "image does not decode")]
-    with pytest.raises(AwakerError, match=rf"d\.jsonl:2: cannot decode image .*skip_bad_records"):
+    with pytest.raises(AwakerError, match=r"d\.jsonl:2: cannot decode image .*skip_bad_records"):
         RecordDataset(records, enc)[1]
 
 

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoProcessor
 
 from awaker_cli.cli import run

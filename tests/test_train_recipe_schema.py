@@ -55,7 +55,7 @@ def test_shipped_recipes_validate_against_the_schema(schema):
         assert load_recipe(name).stage == data["stage"]
     # the checker finds what an editor would flag
     bad = {"stage": 4, "adapter": {"rank": "big", "combine": "sum"}, "train": {"lrr": 1, "lr": 0, "progress": 1},
-           "data": {"train": ["a.jsonl", 3]}}
+           "data": {"train": ["a.jsonl", ["b.jsonl"]]}}
     assert len(problems(bad, schema)) == 7, problems(bad, schema)
 
 

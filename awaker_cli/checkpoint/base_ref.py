@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import AwakerError
+from ..progress import no_bar
 
 BASE_FILE = "awaker_base.json"
 ADAPTERS_FILE = "awaker_adapters.safetensors"
@@ -78,12 +79,14 @@ def _file_stats(files) -> dict[str, list[int]]:
 
 def base_record(base, out: Path, progress: Callable[[int], None] | None = None) -> dict:
     """What an adapter-only directory written to `out` records about `base` (a Checkpoint whose base
-    tensors the adapters were trained on). A base that is itself adapter-only passes its record on;
-    otherwise its tensors are hashed (progress(n_bytes) follows)."""
+    tensors the adapters were trained on). A base that is itself adapter-only passes its record on, with
+    the place its base was found at; otherwise its tensors are hashed (progress(n_bytes) follows)."""
     from .files import hub_id
 
-    if base.base is not None:
-        record = dict(base.base_record)
+    if base.base is not None:  # where the base was found and verified, which may not be the recorded path
+        found = base.base.path.resolve()
+        record = {**base.base_record, "path": str(found), "hub_id": hub_id(found) or base.base_record.get("hub_id"),
+                  "files": _file_stats(base.base.files)}
     else:
         path, tensors = base.path.resolve(), base.base_tensors()
         record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path),
@@ -92,6 +95,11 @@ def base_record(base, out: Path, progress: Callable[[int], None] | None = None) 
                   "files": _file_stats(base.files)}
     record["relative"] = os.path.relpath(record["path"], out.expanduser().resolve())
     return record
+
+
+def bytes_to_hash(base) -> int:
+    """What base_record(base, ...) reads to hash: the base tensors' bytes, none for an adapter-only base."""
+    return 0 if base.base is not None else sum(i.nbytes for i in base.base_tensors().values())
 
 
 def write_base_record(directory: Path, record: dict) -> None:
@@ -152,10 +160,10 @@ def open_base(directory: Path, record: dict):
                       f"of its tensors differs from the one in {BASE_FILE}); {fix}")
 
 
-def relink(directory: str | Path, new_base: str | Path, progress: Callable[[int], None] | None = None) -> dict:
+def relink(directory: str | Path, new_base: str | Path, bar=no_bar) -> dict:
     """Point an adapter-only directory at another copy of its base (moved, re-sharded, or in the other key
     layout): the copy's tensors must hash to the recorded value. awaker_base.json is replaced atomically;
-    returns the new record. progress(n_bytes) follows the hashing."""
+    returns the new record. bar(description, total_bytes): a progress context over the hashing."""
     from .files import hub_id
     from .reader import Checkpoint
 
@@ -167,7 +175,9 @@ def relink(directory: str | Path, new_base: str | Path, progress: Callable[[int]
     base = Checkpoint(new_base)
     if base.base is not None:
         raise AwakerError(f"{new_base}: is itself adapter-only; give the complete base model")
-    if tensors_sha256(base.base_tensors(), progress) != record["tensors_sha256"]:
+    with bar("hashing the base", bytes_to_hash(base)) as advance:
+        digest = tensors_sha256(base.base_tensors(), advance)
+    if digest != record["tensors_sha256"]:
         raise AwakerError(f"{new_base}: its tensors are not the ones {directory} was trained on (their content hash "
                           f"differs from the one in {BASE_FILE}); give a copy of the original base")
     path = base.path.resolve()

@@ -20,13 +20,13 @@ def relink(
     recorded hash; a re-sharded copy or the other key layout of the same weights is accepted). Only
     awaker_base.json in MODEL changes. Each stage directory records its base itself: relink each one.
     """
-    from ..checkpoint.base_ref import is_adapter_only, read_base_record, relink as relink_base
+    import functools
+
+    from ..checkpoint.base_ref import relink as relink_base
     from ..checkpoint.reader import resolve_path
 
     directory = resolve_path(model)
-    total = read_base_record(directory).get("bytes", 0) if is_adapter_only(directory) else 0
-    with progress_bar("hashing the base", total, enabled=not json_out) as advance:
-        record = relink_base(directory, base, advance)
+    record = relink_base(directory, base, bar=functools.partial(progress_bar, enabled=not json_out))
     if json_out:
         return print_json(record)
     stderr.print(f"[green]relinked[/] {escape(str(directory))} to its base {escape(record['path'])} (verified)")

@@ -2,7 +2,6 @@
 processor files and config.json of the directory it came from, a model card. Atomic and sharded."""
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +10,9 @@ import torch
 
 from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, atomic_output_dir, copy_processor_files,
                           write_checkpoint, write_model_card)
-from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, recorded_base, write_base_record
+from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, bytes_to_hash, recorded_base, write_base_record
 from ..errors import AwakerError
-from ..progress import progress_bar
+from ..progress import no_bar
 from .build import adapter_state_dict, base_state_dict
 from .config import AwakerConfig
 from .families import family_of_model
@@ -62,7 +61,7 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
                           config: AwakerConfig, *, force: bool = False, title: str = "awaker model",
                           card: list[str] = (), max_shard_size: int = DEFAULT_SHARD_SIZE,
                           adapter_dtype: torch.dtype | None = None, adapter_only: bool = False,
-                          final_dir: str | Path | None = None, bar=None) -> Path:
+                          final_dir: str | Path | None = None, bar=no_bar) -> Path:
     """Save a model whose base is `source`'s, unchanged (training freezes it): the base tensors are
     copied byte for byte from source's files, the adapters and routers come from `adapters`.
     adapter_only: write the adapters alone and a record of source's base instead (checkpoint/base_ref.py);
@@ -75,9 +74,8 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
     if not adapter_only:
         entries = [Entry(key, base[key].dtype, base[key].shape, source=base[key])
                    for key in source.ordered_keys() if key in base] + entries
-    hashed = adapter_only and source.base is None  # an adapter-only source passes its record on unhashed
-    total = sum(e.nbytes for e in entries) + (sum(i.nbytes for i in base.values()) if hashed else 0)
-    with (bar or functools.partial(progress_bar, enabled=False))("saving", total) as advance:
+    total = sum(e.nbytes for e in entries) + (bytes_to_hash(source) if adapter_only else 0)
+    with bar("saving", total) as advance:
         # the base is hashed once, before the output exists
         record = base_record(source, Path(final_dir or out), advance) if adapter_only else None
         with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:

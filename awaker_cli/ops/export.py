@@ -17,8 +17,9 @@ import torch
 from ..checkpoint import DEFAULT_SHARD_SIZE
 from ..checkpoint.keys import ROUTER_PREFIX
 from ..errors import AwakerError
+from ..progress import no_bar
 from .records import read_records
-from .rewrite import check_target, measure, no_bar, open_source, stream, write_output
+from .rewrite import check_target, measure, open_source, stream, write_output
 
 METHODS = ("nf4", "fp4", "int8", "none")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -31,7 +31,8 @@ from ..errors import AwakerError
 from ..kernels.routing_ref import router_logits
 from ..model.config import AwakerConfig
 from ..model.routing import Routing
-from .rewrite import check_target, lowrank, no_bar, open_source, router_inputs, stream, write_output
+from ..progress import no_bar
+from .rewrite import check_target, lowrank, open_source, router_inputs, stream, write_output
 
 # Logit units above the strongest merged-away expert: more than a bf16 rounding step of a bias below 2.
 CALIBRATION_MARGIN = 2e-2
@@ -289,6 +290,8 @@ def merge(source, out, *, expert: int | None = None, p: float | None = None, dat
     common = dict(force=force, dry_run=dry_run, max_shard_size=max_shard_size, bar=bar)
     if keep_rank_sum and experts is None:
         raise AwakerError("--keep-rank-sum only applies to --experts")
+    if full and experts is None:
+        raise AwakerError("--full only applies to --experts (a fold or a bake always writes a complete model)")
     if p is not None and expert is None:
         raise AwakerError("--p is the probability of the expert given with --expert")
     if experts is not None:

@@ -20,7 +20,8 @@ from ..checkpoint.keys import lm_linear, lm_module_path, to_hub
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, LINEARS, AwakerConfig
 from ..model.families import family
-from .rewrite import no_bar, open_source
+from ..progress import no_bar
+from .rewrite import open_source
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -15,8 +15,9 @@ import torch
 from ..checkpoint import DEFAULT_SHARD_SIZE
 from ..checkpoint.keys import ROUTER_PREFIX
 from ..errors import AwakerError
+from ..progress import no_bar
 from .records import read_records
-from .rewrite import check_target, lowrank, measure, no_bar, open_source, stream, write_output
+from .rewrite import check_target, lowrank, measure, open_source, stream, write_output
 from .stats import expert_usage
 
 

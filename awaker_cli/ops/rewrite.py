@@ -2,7 +2,6 @@
 transform one module at a time, low-rank re-factorisation, and measuring a model on a data file."""
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -18,15 +17,10 @@ from ..errors import AwakerError
 from ..kernels.routing_ref import router_inputs as ref_router_inputs
 from ..kernels.routing_ref import router_probs as ref_router_probs
 from ..model.config import CONFIG_NAME, AwakerConfig
+from ..progress import no_bar
 
 Tensors = list[tuple[str, torch.Tensor]]
 QUANT_SUFFIXES = (".absmax", ".quant_map", ".SCB", ".weight_format", ".nested_absmax", ".nested_quant_map")
-
-
-@contextlib.contextmanager
-def no_bar(description: str, total: int, *, unit: str = "bytes"):
-    """The default progress reporter of the ops: nothing (commands pass awaker_cli.progress.progress_bar)."""
-    yield lambda n: None
 
 
 def is_quantized(ckpt: Checkpoint) -> bool:

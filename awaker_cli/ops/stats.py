@@ -9,8 +9,9 @@ import torch
 
 from ..errors import AwakerError
 from ..model.config import AwakerConfig
+from ..progress import no_bar
 from .records import DataPass, read_records
-from .rewrite import measure, no_bar, open_source
+from .rewrite import measure, open_source
 
 
 def full_probs(model_bank: dict[str, torch.Tensor], cfg: AwakerConfig, span_means: torch.Tensor) -> torch.Tensor:

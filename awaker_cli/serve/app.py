@@ -14,9 +14,6 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-
 from ..errors import AwakerError
 from ..generate.report import routing_report
 from ..generate.sampling import SamplingParams

@@ -2,10 +2,11 @@
 for every request in flight; a request that arrives joins at the next step, a finished one leaves at once.
 
 How a request joins without disturbing the others (docs/design.md section "Serving"): every row of the
-shared cache writes its next token at the same column `slot` (as the engine's own batches do). A new
-request is prefilled alone, exactly as `Engine.generate` would (its own routing, its own batch-1 cache),
-and its K/V are copied into a free row so that its prompt ends just before `slot`; its positions are
-its own, so where its K/V sit in the row does not change the attention. When the columns run out the
+shared cache writes its next token at the same column `slot` (as the engine's own batches do). The
+requests that arrived since the last step are prefilled together, exactly as `Engine.generate` prefills
+a batch (left-padded, each row's own routing, a cache of their own; one at a time if the batch cannot
+be taken whole), and each one's K/V are copied into a free row so that its prompt ends just before
+`slot`; its positions are its own, so where its K/V sit in the row does not change the attention. When the columns run out the
 live part of the cache is shifted left (or right, for a prompt longer than `slot`); a cache of twice
 the largest context always leaves room (see _make_room).
 """
@@ -125,9 +126,7 @@ class Scheduler:
                         self._step()
             except Exception as e:  # e.g. out of memory in a step: fail what is in flight, keep serving
                 for job in [r for r in self.rows if r is not None]:
-                    self._free(job)
-                    self.metrics["requests_failed"] += 1
-                    job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
+                    self._fail(job, e)
         for job in [*self.waiting, *[r for r in self.rows if r is not None]]:
             self._finish(job, "interrupted") if job.t_first else job.emit("busy", "the server is shutting down")
 
@@ -144,9 +143,11 @@ class Scheduler:
                 live.append(job)
         if len(live) > 1:
             try:
-                return self._place(live, *self._prefill(live))
-            except Exception:  # nothing was placed: retried one by one below, each failing on its own
-                pass
+                prefilled = self._prefill(live)
+            except Exception:  # nothing is placed yet: each is retried alone below, failing on its own
+                prefilled = None
+            if prefilled is not None:
+                return self._place(live, *prefilled)
         for job in live:
             try:
                 prefilled = self._prefill([job])
@@ -154,8 +155,7 @@ class Scheduler:
                 self.metrics["requests_failed"] += 1
                 job.emit("error", str(e))
             except Exception as e:  # the server's fault (e.g. out of memory): this request fails, the others go on
-                self.metrics["requests_failed"] += 1
-                job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
+                self._fail(job, e)
             else:
                 self._place([job], *prefilled)
 
@@ -186,7 +186,28 @@ class Scheduler:
 
     def _place(self, jobs: list[Job], run, lengths: list[int], logits: torch.Tensor):
         """Copy each prefilled prompt into a free row so that it ends just before `slot`, then choose
-        each job's first token."""
+        each job's first token. A failure fails these jobs only (every job gets one answer or one error)."""
+        try:
+            placed = self._copy_rows(jobs, run, lengths)
+        except Exception as e:  # e.g. out of memory while shifting the cache
+            for job in jobs:
+                self._fail(job, e)
+            return
+        for row, b in placed:
+            job = self.rows[row]
+            try:
+                job.emit("start", None)
+                self._take(row, logits[b:b + 1])
+            except Exception as e:  # e.g. sampling from logits that are not finite: this job only
+                self._fail(job, e)
+
+    def _fail(self, job: Job, e: Exception):
+        self._free(job)
+        self.metrics["requests_failed"] += 1
+        job.emit("fail", f"generation failed: {type(e).__name__}: {e}")
+
+    def _copy_rows(self, jobs: list[Job], run, lengths: list[int]) -> list[tuple[int, int]]:
+        """Move the prefilled prompts into free rows of the shared cache -> (row, batch index) per job."""
         buf, small = self.buf, run.buf
         self._make_room(max(lengths))
         slot, padded = int(buf.slot), run.inputs["input_ids"].shape[1]
@@ -216,9 +237,7 @@ class Scheduler:
             self.metrics["prompt_tokens_total"] += length
         if run.routing is not None:
             buf.routing.refresh_views(buf.num_slots)
-        for row, b in placed:
-            self.rows[row].emit("start", None)
-            self._take(row, logits[b:b + 1])
+        return placed
 
     def _make_room(self, length: int):
         """Shift the live columns so that a prompt of `length` tokens fits before `slot`, with room after

@@ -231,16 +231,21 @@ RUN_CONTROL_FIELDS = {"train.save_steps", "train.save_total_limit", "train.keep_
 def recipe_json_schema() -> dict:
     """The recipe's JSON schema, for editors (yaml-language-server) and other tools. It accepts what
     load_recipe accepts beyond the field types: an empty section (`adapter:`, null in YAML) and a single
-    item where a list is expected (`train: a.jsonl`)."""
+    item where a list is expected (`train: a.jsonl`). Not a number where a string is expected (awaker
+    reads `model: 7` as the directory "7"; an editor flags it)."""
     schema = Recipe.model_json_schema()
     for name in ("adapter", "data", "train"):
-        schema["$defs"][schema["properties"][name]["$ref"].rsplit("/", 1)[-1]]["type"] = ["object", "null"]
+        ref = schema["properties"][name].get("$ref", "")
+        if ref.startswith("#/$defs/"):
+            schema["$defs"][ref.removeprefix("#/$defs/")]["type"] = ["object", "null"]
     for section in schema["$defs"].values():
-        for prop in section["properties"].values():
-            if prop.get("type") == "array":  # a list field: its array becomes the first alternative
+        for prop in section.get("properties", {}).values():
+            if prop.get("type") == "array" and "items" in prop:  # a list field: its array becomes an alternative
                 prop["anyOf"] = [{"type": prop.pop("type"), "items": prop.pop("items")}]
             alternatives = prop.get("anyOf", [])
-            alternatives += [alt["items"] for alt in alternatives if alt.get("type") == "array"]
+            singles = [alt["items"] for alt in alternatives if alt.get("type") == "array" and "items" in alt]
+            if singles:
+                prop["anyOf"] = alternatives + singles
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
