@@ -167,6 +167,7 @@ def test_errors(random_moe, tmp_path, capsys):
     assert "at least two" in error(capsys, random_moe, out, "--experts", "2")
     assert "needs the probability" in error(capsys, random_moe, out, "--expert", 1)
     assert "between 0 and 1" in error(capsys, random_moe, out, "--expert", 1, "--p", 1.5)
+    assert "--full only applies to --experts" in error(capsys, random_moe, out, "--full")
     assert "is the input" in error(capsys, random_moe, random_moe, "--force")
     quantized = tmp_path / "quantized"
     shutil.copytree(random_moe, quantized)
