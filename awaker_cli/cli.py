@@ -15,7 +15,8 @@ from .progress import stderr
 
 app = typer.Typer(
     name="awaker",
-    help="Build, train and run Awaker2.5-VL-style LoRA-MoE models from dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoints.",
+    help="Build, train and run Awaker2.5-VL-style LoRA-MoE models from dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
+         "checkpoints.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

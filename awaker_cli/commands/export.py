@@ -12,7 +12,8 @@ from ..progress import progress_bar, stderr
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="An awaker model, or a dense Qwen-VL model (e.g. from `awaker merge --expert`)."),
+    model: str = typer.Argument(..., help="An awaker model, or a dense Qwen-VL model (e.g. from "
+                                          "`awaker merge --expert`)."),
     out: Path = typer.Argument(..., help="Output directory (must not exist, or be empty; never MODEL itself)."),
     quantize: str = typer.Option("nf4", "--quantize", help="nf4 | fp4 | int8 (bitsandbytes) | none: how to store "
                                                           "the language model's linear weights."),

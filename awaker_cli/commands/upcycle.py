@@ -19,7 +19,8 @@ def _names(text: str) -> list[str]:
 
 @app.command()
 def upcycle(
-    base: str = typer.Argument(..., help="Dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory (or a hub id already in the local cache)."),
+    base: str = typer.Argument(..., help="Dense Qwen2-VL, Qwen2.5-VL or Qwen3-VL directory (or a hub id already "
+                                         "in the local cache)."),
     out: Path = typer.Argument(..., help="Output directory for the awaker model (must not exist, or be empty)."),
     experts: int = typer.Option(4, help="Routed LoRA experts per MoE linear."),
     rank: int = typer.Option(256, help="LoRA rank of every adapter (experts, global expert, q/k/v)."),

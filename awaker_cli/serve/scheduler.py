@@ -6,9 +6,9 @@ shared cache writes its next token at the same column `slot` (as the engine's ow
 requests that arrived since the last step are prefilled together, exactly as `Engine.generate` prefills
 a batch (left-padded, each row's own routing, a cache of their own; one at a time if the batch cannot
 be taken whole), and each one's K/V are copied into a free row so that its prompt ends just before
-`slot`; its positions are its own, so where its K/V sit in the row does not change the attention. When the columns run out the
-live part of the cache is shifted left (or right, for a prompt longer than `slot`); a cache of twice
-the largest context always leaves room (see _make_room).
+`slot`; its positions are its own, so where its K/V sit in the row does not change the attention.
+When the columns run out the live part of the cache is shifted left (or right, for a prompt longer
+than `slot`); a cache of twice the largest context always leaves room (see _make_room).
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ class Scheduler:
                 self._fail(job, e)
             return
         for row, b in placed:
-            job = self.rows[row]
+            job = jobs[b]
             try:
                 job.emit("start", None)
                 self._take(row, logits[b:b + 1])
