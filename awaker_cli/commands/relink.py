@@ -1,6 +1,8 @@
 """`awaker relink MODEL BASE`: point an adapter-only directory at a moved copy of its base."""
 from __future__ import annotations
 
+import functools
+
 import typer
 from rich.markup import escape
 
@@ -20,8 +22,6 @@ def relink(
     recorded hash; a re-sharded copy or the other key layout of the same weights is accepted). Only
     awaker_base.json in MODEL changes. Each stage directory records its base itself: relink each one.
     """
-    import functools
-
     from ..checkpoint.base_ref import relink as relink_base
     from ..checkpoint.reader import resolve_path
 
