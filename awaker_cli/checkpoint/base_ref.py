@@ -81,25 +81,38 @@ def base_record(base, out: Path, progress: Callable[[int], None] | None = None) 
     """What an adapter-only directory written to `out` records about `base` (a Checkpoint whose base
     tensors the adapters were trained on). A base that is itself adapter-only passes its record on, with
     the place its base was found at; otherwise its tensors are hashed (progress(n_bytes) follows)."""
+    if base.base is not None:
+        return _located(base.base_record, base.base, out)
+    tensors = base.base_tensors()
+    record = {"format": FORMAT, "tensors_sha256": tensors_sha256(tensors, progress), "tensors": len(tensors),
+              "bytes": sum(i.nbytes for i in tensors.values())}
+    return _located(record, base, out)
+
+
+def _located(record: dict, base, out: Path) -> dict:
+    """`record` with the place of `base` (a Checkpoint known to hold the recorded tensors), as seen from a
+    directory at `out`: its path, the path relative to `out`, its hub id and its files' sizes and times."""
     from .files import hub_id
 
-    if base.base is not None:  # where the base was found and verified, which may not be the recorded path
-        found = base.base.path.resolve()
-        record = {**base.base_record, "path": str(found), "hub_id": hub_id(found) or base.base_record.get("hub_id"),
-                  "files": _file_stats(base.base.files)}
-    else:
-        path, tensors = base.path.resolve(), base.base_tensors()
-        record = {"format": FORMAT, "path": str(path), "hub_id": hub_id(path),
-                  "tensors_sha256": tensors_sha256(tensors, progress),
-                  "tensors": len(tensors), "bytes": sum(i.nbytes for i in tensors.values()),
-                  "files": _file_stats(base.files)}
-    record["relative"] = os.path.relpath(record["path"], out.expanduser().resolve())
-    return record
+    path = base.path.resolve()
+    return {**record, "path": str(path), "hub_id": hub_id(path) or record.get("hub_id"),
+            "files": _file_stats(base.files), "relative": os.path.relpath(path, Path(out).expanduser().resolve())}
 
 
 def bytes_to_hash(base) -> int:
     """What base_record(base, ...) reads to hash: the base tensors' bytes, none for an adapter-only base."""
-    return 0 if base.base is not None else sum(i.nbytes for i in base.base_tensors().values())
+    return 0 if base.base is not None else base.base_bytes
+
+
+def write_adapter_only(directory: Path, entries, record: dict, key_map=None,
+                       progress: Callable[[int], None] | None = None) -> list[str]:
+    """The two files of an adapter-only directory: every adapter and router tensor (checkpoint Entry
+    objects) in one unsharded file, and the base record. Returns the weight file names."""
+    from .writer import write_checkpoint
+
+    names = write_checkpoint(directory, entries, 1 << 62, progress, key_map=key_map, single_name=ADAPTERS_FILE)
+    write_base_record(directory, record)
+    return names
 
 
 def write_base_record(directory: Path, record: dict) -> None:
@@ -164,7 +177,6 @@ def relink(directory: str | Path, new_base: str | Path, bar=no_bar) -> dict:
     """Point an adapter-only directory at another copy of its base (moved, re-sharded, or in the other key
     layout): the copy's tensors must hash to the recorded value. awaker_base.json is replaced atomically;
     returns the new record. bar(description, total_bytes): a progress context over the hashing."""
-    from .files import hub_id
     from .reader import Checkpoint
 
     directory = Path(directory)
@@ -180,9 +192,7 @@ def relink(directory: str | Path, new_base: str | Path, bar=no_bar) -> dict:
     if digest != record["tensors_sha256"]:
         raise AwakerError(f"{new_base}: its tensors are not the ones {directory} was trained on (their content hash "
                           f"differs from the one in {BASE_FILE}); give a copy of the original base")
-    path = base.path.resolve()
-    new = {**record, "path": str(path), "hub_id": hub_id(path) or record.get("hub_id"),
-           "files": _file_stats(base.files), "relative": os.path.relpath(path, directory.resolve())}
+    new = _located(record, base, directory)
     write_base_record(directory, new)
     return new
 

@@ -253,6 +253,10 @@ class Checkpoint:
         return sum(i.nbytes for i in self.tensors.values())
 
     @property
+    def base_bytes(self) -> int:
+        return sum(i.nbytes for i in self.base_tensors().values())
+
+    @property
     def adapter_bytes(self) -> int:
         """Bytes of the adapter and router tensors alone."""
-        return self.total_bytes - sum(i.nbytes for i in self.base_tensors().values())
+        return self.total_bytes - self.base_bytes

@@ -185,9 +185,8 @@ class ShardWriter:
     overflow it, so at most one shard's worth is held. Final names are given in close()."""
 
     def __init__(self, directory: Path, max_shard_size: int = DEFAULT_SHARD_SIZE,
-                 key_map: Callable[[str], str] | None = None, single_name: str = SINGLE_NAME):
+                 key_map: Callable[[str], str] | None = None):
         self.key_map = key_map  # canonical key -> the name written (a family's hub layout)
-        self.single_name = single_name  # the file's name when everything fits in one
         self.directory = Path(directory)
         self.max_shard_size = max_shard_size
         self._buffer: list[Entry] = []
@@ -216,7 +215,7 @@ class ShardWriter:
         """Write the last shard, give shards their final names and write the index (if sharded)."""
         if self._buffer or not self._shards:
             self._flush()
-        names = _shard_names(len(self._shards), self.single_name)
+        names = _shard_names(len(self._shards))
         for i, name in enumerate(names):
             os.replace(self.directory / f"shard-{i:05d}.partial", self.directory / name)
         _write_index(self.directory, self._shards, names)

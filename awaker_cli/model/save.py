@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, atomic_output_dir, copy_processor_files,
                           write_checkpoint, write_model_card)
-from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, bytes_to_hash, recorded_base, write_base_record
+from ..checkpoint.base_ref import base_record, bytes_to_hash, recorded_base, write_adapter_only
 from ..errors import AwakerError
 from ..progress import no_bar
 from .build import adapter_state_dict, base_state_dict
@@ -70,8 +70,8 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
     copied, written and hashed."""
     out = Path(out)
     entries = [Entry.of(key, t.to(adapter_dtype) if adapter_dtype else t) for key, t in adapters.items()]
-    base = source.base_tensors()
     if not adapter_only:
+        base = source.base_tensors()
         entries = [Entry(key, base[key].dtype, base[key].shape, source=base[key])
                    for key in source.ordered_keys() if key in base] + entries
     total = sum(e.nbytes for e in entries) + (bytes_to_hash(source) if adapter_only else 0)
@@ -80,9 +80,7 @@ def save_with_source_base(out: str | Path, source: Checkpoint, adapters: dict[st
         record = base_record(source, Path(final_dir or out), advance) if adapter_only else None
         with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
             if adapter_only:
-                write_checkpoint(tmp, entries, 1 << 62, advance, key_map=source.family.disk_key,
-                                 single_name=ADAPTERS_FILE)
-                write_base_record(tmp, record)
+                write_adapter_only(tmp, entries, record, source.family.disk_key, advance)
             else:
                 write_checkpoint(tmp, entries, max_shard_size, advance, key_map=source.family.disk_key)
             shutil.copy2(source.path / "config.json", tmp / "config.json")

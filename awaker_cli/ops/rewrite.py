@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, ShardWriter, atomic_output_dir, check_free_space,
+from ..checkpoint import (DEFAULT_SHARD_SIZE, Checkpoint, Entry, ShardWriter, atomic_output_dir, check_free_space,
                           check_output_dir, copy_processor_files, write_model_card)
-from ..checkpoint.base_ref import ADAPTERS_FILE, base_record, write_base_record
+from ..checkpoint.base_ref import base_record, write_adapter_only
 from ..checkpoint.keys import ADAPTER_SUFFIXES, ROUTER_PREFIX, lm_linear
 from ..errors import AwakerError
 from ..kernels.routing_ref import router_inputs as ref_router_inputs
@@ -110,13 +110,14 @@ def write_output(out: str | Path, source: Checkpoint, tensors: Iterable[tuple[st
     adapter-only directory on the source's base (checkpoint/base_ref.py)."""
     record = base_record(source, Path(out)) if adapter_only else None
     with atomic_output_dir(out, force, inputs=source.input_paths) as tmp:
-        writer = (ShardWriter(tmp, 1 << 62, key_map=source.family.disk_key, single_name=ADAPTERS_FILE) if adapter_only
-                  else ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key))
-        for key, t in tensors:
-            writer.add(key, t.detach().contiguous())
-        shards = writer.close()
-        if record is not None:
-            write_base_record(tmp, record)
+        if adapter_only:  # adapters and routers only: small enough to be held until written in one file
+            entries = [Entry.of(key, t.detach().contiguous()) for key, t in tensors]
+            shards = write_adapter_only(tmp, entries, record, source.family.disk_key)
+        else:
+            writer = ShardWriter(tmp, max_shard_size, key_map=source.family.disk_key)
+            for key, t in tensors:
+                writer.add(key, t.detach().contiguous())
+            shards = writer.close()
         if config_json is None:
             shutil.copy2(source.path / "config.json", tmp / "config.json")
         else:

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import (Checkpoint, Entry, atomic_output_dir, check_output_dir, check_processor_files,
                           copy_processor_files, special_token_ids, write_checkpoint, write_model_card)
-from ..checkpoint.base_ref import ADAPTERS_FILE, BASE_FILE, base_record, write_base_record
+from ..checkpoint.base_ref import BASE_FILE, base_record, write_adapter_only
 from ..checkpoint.keys import ROUTER_PREFIX, is_adapter_key, lm_module_path
 from ..errors import AwakerError
 from ..model.config import CONFIG_NAME, AwakerConfig
@@ -157,9 +157,7 @@ def run_upcycle(plan: UpcyclePlan, out: str | Path, *, force: bool = False, seed
                 for key, shape in plan.adapters.items()]
     with atomic_output_dir(out, force, inputs=[base.path]) as tmp:
         if adapter_only:
-            shards = write_checkpoint(tmp, entries, 1 << 62, progress, key_map=base.family.disk_key,
-                                      single_name=ADAPTERS_FILE)
-            write_base_record(tmp, record)
+            shards = write_adapter_only(tmp, entries, record, base.family.disk_key, progress)
         else:
             shards = write_checkpoint(tmp, entries, plan.max_shard_size, progress, key_map=base.family.disk_key)
         shutil.copy2(base.path / "config.json", tmp / "config.json")
